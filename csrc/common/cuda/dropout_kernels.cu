@@ -1,0 +1,97 @@
+// The CUDA side of the shared counter-based dropout: the same Philox as the CPU kernels (common/philox.h).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../philox.h"
+#include "dropout_kernels.h"
+
+namespace peftops::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+int blocks_for(int64_t groups) {
+  return static_cast<int>(std::min<int64_t>((groups + kThreads - 1) / kThreads, 65535LL * 8));
+}
+
+// One thread per group of 4 consecutive elements: one Philox block serves all four.
+template <typename scalar_t>
+__global__ void dropout_apply_kernel(const scalar_t* __restrict__ src, int64_t lds, scalar_t* __restrict__ dst,
+                                     int64_t ldd, int64_t rows, int64_t cols, const int64_t* __restrict__ seed,
+                                     uint32_t threshold, double keep_scale, bool accumulate) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const uint64_t total = static_cast<uint64_t>(rows) * static_cast<uint64_t>(cols);
+  const uint64_t key = static_cast<uint64_t>(*seed);
+  for (uint64_t g = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; g * 4 < total;
+       g += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+    const Philox4 block = philox4x32_10(g, 0, key);
+#pragma unroll
+    for (uint64_t lane = 0; lane < 4; ++lane) {
+      const uint64_t e = g * 4 + lane;
+      if (e >= total) break;
+      const int64_t n = static_cast<int64_t>(e / cols), k = static_cast<int64_t>(e % cols);
+      const acc_t scale = philox_word(block, lane) >= threshold ? static_cast<acc_t>(keep_scale) : acc_t(0);
+      const acc_t v = scale * static_cast<acc_t>(src[n * lds + k]);
+      scalar_t* out = dst + n * ldd + k;
+      *out = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(*out) + v : v);
+    }
+  }
+}
+
+__global__ void keep_mask_kernel(bool* __restrict__ out, int64_t total, const int64_t* __restrict__ seed,
+                                 uint64_t offset, uint32_t threshold) {
+  Dropout d;
+  d.seed = static_cast<uint64_t>(*seed);
+  d.offset = offset;
+  d.threshold = threshold;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = d.keep(static_cast<uint64_t>(i));
+  }
+}
+
+at::Tensor dropout_keep_mask_cuda(c10::IntArrayRef size, double p, const at::Tensor& seed, int64_t offset) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout_keep_mask: p must be in [0, 1), got ", p);
+  TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong, "dropout_keep_mask: seed must be one int64");
+  c10::cuda::CUDAGuard guard(seed.device());
+  auto mask = at::empty(size, seed.options().dtype(at::kBool));
+  const auto seed_c = seed.contiguous();
+  if (mask.numel() > 0) {
+    keep_mask_kernel<<<blocks_for(mask.numel()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        mask.data_ptr<bool>(), mask.numel(), seed_c.const_data_ptr<int64_t>(), static_cast<uint64_t>(offset),
+        dropout_threshold(p));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return mask;
+}
+
+}  // namespace
+
+void dropout_apply(const at::Tensor& src, at::Tensor& dst, const at::Tensor& seed, double p, bool accumulate) {
+  TORCH_CHECK(src.dim() == 2 && dst.sizes() == src.sizes() && src.stride(1) == 1 && dst.stride(1) == 1,
+              "dropout_apply: expects two 2-D matrices of one shape with unit column stride");
+  TORCH_CHECK(src.scalar_type() == dst.scalar_type(), "dropout_apply: src and dst dtypes differ");
+  TORCH_CHECK(seed.is_cuda() && seed.scalar_type() == at::kLong, "dropout_apply: seed must be an int64 CUDA tensor");
+  if (src.numel() == 0) return;
+  c10::cuda::CUDAGuard guard(src.device());
+  const auto seed_c = seed.contiguous();
+  const int64_t groups = (src.numel() + 3) / 4;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "dropout_apply_cuda", [&] {
+    dropout_apply_kernel<scalar_t><<<blocks_for(groups), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        src.const_data_ptr<scalar_t>(), src.stride(0), dst.data_ptr<scalar_t>(), dst.stride(0), src.size(0),
+        src.size(1), seed_c.const_data_ptr<int64_t>(), dropout_threshold(p), 1.0 / (1.0 - p),
+        accumulate);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+TORCH_LIBRARY_IMPL(peftops, CUDA, m) { m.impl("dropout_keep_mask", &dropout_keep_mask_cuda); }
+
+}  // namespace peftops::cuda

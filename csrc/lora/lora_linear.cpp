@@ -1,0 +1,94 @@
+// Schema of the LoRA op family and its public, composite entry point (torchvision's csrc/ops/ layout).
+#include "lora_linear.h"
+
+#include <ATen/ops/randint.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+namespace peftops::lora {
+
+static void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+                   "lora_linear: ", name, " must be float32, bfloat16, float16 or float64, got ", dt);
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "lora_linear: x must have shape [..., in_features], got a 0-d tensor");
+  TORCH_CHECK_VALUE(weight.dim() == 2, "lora_linear: weight must be 2-D [out, in], got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(lora_a.dim() == 2, "lora_linear: lora_a must be 2-D [r, in], got shape ", lora_a.sizes());
+  TORCH_CHECK_VALUE(lora_b.dim() == 2, "lora_linear: lora_b must be 2-D [out, r], got shape ", lora_b.sizes());
+  const auto in = weight.size(1), out = weight.size(0), r = lora_a.size(0);
+  TORCH_CHECK_VALUE(x.size(-1) == in, "lora_linear: x has ", x.size(-1), " input features but weight expects ", in);
+  TORCH_CHECK_VALUE(r >= 1, "lora_linear: lora_a must have rank r >= 1, got shape ", lora_a.sizes());
+  TORCH_CHECK_VALUE(lora_a.size(1) == in, "lora_linear: lora_a must be [r, ", in, "], got shape ", lora_a.sizes());
+  TORCH_CHECK_VALUE(lora_b.size(0) == out && lora_b.size(1) == r, "lora_linear: lora_b must be [", out, ", ", r,
+                    "] (out, r of lora_a), got shape ", lora_b.sizes());
+  check_float_dtype(x, "x");
+  const std::pair<const at::Tensor*, const char*> others[] = {{&weight, "weight"}, {&lora_a, "lora_a"}, {&lora_b, "lora_b"}};
+  for (const auto& [t, name] : others) {
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "lora_linear: ", name, " has dtype ", t->scalar_type(),
+                     " but x has ", x.scalar_type(), "; cast them to one dtype");
+    TORCH_CHECK_VALUE(t->device() == x.device(), "lora_linear: ", name, " is on ", t->device(), " but x is on ", x.device());
+  }
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "lora_linear: bias must be [", out, "], got shape ",
+                      bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "lora_linear: bias has dtype ", bias->scalar_type(),
+                     " but x has ", x.scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == x.device(), "lora_linear: bias is on ", bias->device(), " but x is on ", x.device());
+  }
+  TORCH_CHECK_VALUE(std::isfinite(scale), "lora_linear: scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "lora_linear: dropout_p must be in [0, 1), got ", dropout_p);
+}
+
+Dropout make_dropout(double dropout_p, const std::optional<at::Tensor>& seed) {
+  Dropout d;
+  if (dropout_p > 0.0 && seed.has_value() && seed->defined()) {
+    d.active = true;
+    d.threshold = dropout_threshold(dropout_p);
+    d.keep_scale = 1.0 / (1.0 - dropout_p);
+    if (seed->device().is_cpu()) d.seed = static_cast<uint64_t>(seed->item<int64_t>());
+  }
+  return d;
+}
+
+at::Tensor as_rows(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}); }
+
+// Public op: validates, draws the dropout seed from torch's generator for x's device, calls the fused forward.
+// CompositeImplicitAutograd, so autograd, torch.compile and activation checkpointing see the seed draw.
+static at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p,
+                              bool training) {
+  check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p);
+  std::optional<at::Tensor> seed;
+  if (training && dropout_p > 0.0) {
+    seed = at::randint(std::numeric_limits<int64_t>::max(), {}, x.options().dtype(at::kLong));
+  }
+  static auto forward = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("peftops::lora_linear_forward", "")
+                            .typed<std::tuple<at::Tensor, at::Tensor>(
+                                const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                                const at::Tensor&, double, double, const std::optional<at::Tensor>&)>();
+  return std::get<0>(forward.call(x, weight, bias, lora_a, lora_b, scale, training ? dropout_p : 0.0, seed));
+}
+
+TORCH_LIBRARY_FRAGMENT(peftops, m) {
+  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, "
+        "float dropout_p=0.0, *, bool training=True) -> Tensor");
+  // out = x W^T + b + scale * dropout(x) A^T B^T; t = dropout(x) A^T (float32) is saved for backward.
+  m.def("lora_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, "
+        "float dropout_p, Tensor? seed) -> (Tensor out, Tensor t)");
+  // output_mask picks (grad_x, grad_lora_a, grad_lora_b, grad_bias); masked-off gradients come back empty.
+  m.def("lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor t, "
+        "float scale, float dropout_p, Tensor? seed, bool[4] output_mask) -> "
+        "(Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b, Tensor grad_bias)");
+}
+
+TORCH_LIBRARY_IMPL(peftops, CompositeImplicitAutograd, m) { m.impl("lora_linear", &lora_linear); }
+
+}  // namespace peftops::lora

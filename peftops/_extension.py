@@ -1,0 +1,62 @@
+"""Loading the compiled kernels, reporting what runs, and the opt-in pure-PyTorch fallback."""
+import glob
+import os
+import warnings
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_load_error = None
+
+
+def _load():
+    global _load_error
+    paths = sorted(glob.glob(os.path.join(_HERE, "_C*.so")) + glob.glob(os.path.join(_HERE, "_C*.pyd")))
+    if not paths:
+        _load_error = "peftops' compiled library (peftops/_C*.so) was not found: build it with `pip install .`"
+        return False
+    try:
+        torch.ops.load_library(paths[0])
+    except OSError as e:  # built against another torch, or a missing CUDA runtime
+        _load_error = f"peftops' compiled library {paths[0]} failed to load: {e}"
+        return False
+    return True
+
+
+LOADED = _load()
+
+
+def backends() -> dict:
+    """What was compiled (cpu, cuda, CUDA archs) and what can run now."""
+    info = {"compiled": [], "cuda_archs": [], "runs": [], "fallback": fallback_enabled(), "error": _load_error}
+    if LOADED:
+        compiled = torch.ops.peftops._build_info().split(";")
+        info["compiled"] = [c for c in compiled if not c.startswith("arch=")]
+        info["cuda_archs"] = [c[5:] for c in compiled if c.startswith("arch=") and c[5:]]
+        info["runs"] = ["cpu"]
+        if "cuda" in info["compiled"] and torch.cuda.is_available():
+            info["runs"].append("cuda")
+    return info
+
+
+def fallback_enabled() -> bool:
+    return os.environ.get("PEFTOPS_FALLBACK", "0") == "1"
+
+
+_warned_fallback = False
+
+
+def use_kernels(device: torch.device) -> bool:
+    """True when a compiled kernel serves `device`; False when the user asked for the fallback; else a clear error."""
+    global _warned_fallback
+    if LOADED and (device.type == "cpu" or device.type == "meta" or
+                   (device.type == "cuda" and "cuda" in backends()["compiled"])):
+        return True
+    if fallback_enabled():
+        if not _warned_fallback:
+            warnings.warn(f"peftops: no compiled kernel for device '{device.type}'; running the pure-PyTorch "
+                          "fallback because PEFTOPS_FALLBACK=1 (slower, same results)", stacklevel=3)
+            _warned_fallback = True
+        return False
+    reason = _load_error or f"peftops was built without kernels for device '{device.type}'"
+    raise RuntimeError(f"{reason}. Set PEFTOPS_FALLBACK=1 to run the pure-PyTorch reference instead.")

@@ -1,0 +1,53 @@
+"""Plain-PyTorch references of every op: the tests compare the kernels against these, and they serve as the
+opt-in fallback (PEFTOPS_FALLBACK=1). They follow ../shared/KERNELS.md literally, materialising what the
+kernels avoid (masks, concatenations)."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_M0, _M1, _W0, _W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter_lo, counter_hi, key):
+    """Philox-4x32-10 on numpy uint64 arrays of 64-bit counters, one 64-bit key; returns four uint32 words."""
+    lo = np.asarray(counter_lo, dtype=np.uint64)
+    hi = np.broadcast_to(np.asarray(counter_hi, dtype=np.uint64), lo.shape)
+    c0, c1 = lo & _MASK32, lo >> np.uint64(32)
+    c2, c3 = hi & _MASK32, hi >> np.uint64(32)
+    key = int(key) & 0xFFFFFFFFFFFFFFFF
+    k0, k1 = key & 0xFFFFFFFF, key >> 32
+    for _ in range(10):
+        p0 = np.uint64(_M0) * c0
+        p1 = np.uint64(_M1) * c2
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p1 & _MASK32,
+                          (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p0 & _MASK32)
+        k0, k1 = (k0 + _W0) & 0xFFFFFFFF, (k1 + _W1) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    t = p * 4294967296.0
+    return 0xFFFFFFFF if t >= 4294967295.0 else int(t)
+
+
+def dropout_keep_mask(shape, p: float, seed, offset: int = 0) -> torch.Tensor:
+    """The keep-mask (True = kept) that the kernels regenerate for a [..., ] tensor of `shape`, row-major."""
+    seed = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
+    n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    idx = np.arange(n, dtype=np.uint64)
+    words = np.stack(philox4x32_10(idx >> np.uint64(2), offset, seed), axis=-1)
+    word = words[np.arange(n), (idx & np.uint64(3)).astype(np.int64)]
+    return torch.from_numpy(word >= np.uint64(dropout_threshold(p))).reshape(tuple(shape))
+
+
+def apply_dropout(x: torch.Tensor, p: float, seed) -> torch.Tensor:
+    if p == 0.0 or seed is None:
+        return x
+    keep = dropout_keep_mask(x.shape, p, seed).to(x.device)
+    return x * keep.to(x.dtype) / (1.0 - p)
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, seed=None):
+    """x W^T + b + scale * dropout(x) A^T B^T; the mask is the kernels' Philox mask for `seed`."""
+    return F.linear(x, weight.detach(), bias) + scale * F.linear(F.linear(apply_dropout(x, dropout_p, seed), lora_a), lora_b)
