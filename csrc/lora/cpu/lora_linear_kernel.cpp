@@ -1,8 +1,8 @@
-// LoRA on the CPU. The two large products go to ATen's GEMM (MKL / oneDNN); everything LoRA adds is two
-// hand-written, vectorised row passes that regenerate the dropout mask on the fly (KERNELS.md, "LoRA"):
-//   row_pass: one read of a [N, K] matrix X (optionally masked) yielding X M ([N, r]), X^T V ([K, r]) and
-//             the column sums of X, in any combination;
-//   expand:   Y += alpha * mask o (V M) in place, V [N, r], M [r, C].
+// LoRA on the CPU. The two large products go to ATen's GEMM (MKL / oneDNN); everything LoRA adds runs in
+// hand-written, vectorised passes over tiles of rows that regenerate the dropout mask on the fly
+// (KERNELS.md, "LoRA"). One pass reads a [N, K] matrix X once and yields any of
+//   X M  [N, r]  (rank-r shrink),   X^T V  [K, r]  (rank-r weight gradient),   X^T 1  [K]  (bias gradient),
+// and adds  alpha * mask o (V E)  into a [N, K] matrix Y in place (rank-r expand), with one mask per tile.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../lora_linear.h"
@@ -22,8 +23,8 @@
 namespace peftops::lora {
 namespace {
 
-// Register tiles: kTileRows rows of X at a time, r in chunks of two vectors (16 floats with AVX2), with the
-// rank-r operands zero-padded to whole chunks so no loop has a tail over r.
+// Register tiles: kTileRows rows at a time, the rank in chunks of two vectors (16 floats with AVX2); rank-r
+// operands are zero-padded to whole chunks so no loop has a tail over r.
 constexpr int64_t kTileRows = 4;
 
 template <typename acc_t>
@@ -50,20 +51,37 @@ void row_keep(const Dropout& d, int64_t row, int64_t cols, acc_t* keep) {
   for (int64_t k = 0; k < cols; ++k) keep[k] = mine[k] >= d.threshold ? scale : acc_t(0);
 }
 
-// One pass over the rows of X [N, K] (dropout applied on the fly) yielding any of
-//   rowout = X M [N, rp], colacc = X^T V [K, rp], colsum = X^T 1 [K]   (rp: padded rank).
+// dst[0:n] += add[0:n], converting through the accumulation type.
+template <typename scalar_t, typename acc_t>
+inline void add_into(scalar_t* dst, const acc_t* add, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t k = 0; k < n; ++k) dst[k] += add[k];
+  } else {
+    acc_t tmp[chunk<acc_t>()];
+    at::vec::convert(dst, tmp, n);
+    for (int64_t k = 0; k < n; ++k) tmp[k] += add[k];
+    at::vec::convert(tmp, dst, n);
+  }
+}
+
 template <typename scalar_t>
 struct RowPass {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
-  const scalar_t* x = nullptr;  // row stride ldx, unit column stride
-  int64_t ldx = 0, N = 0, K = 0, rp = 0;
-  Dropout drop;
-  const acc_t* m = nullptr;  // [K, rp]
-  acc_t* rowout = nullptr;   // [N, rp]
-  const acc_t* v = nullptr;  // [N, rp]
-  acc_t* colacc = nullptr;   // [K, rp]
-  acc_t* colsum = nullptr;   // [K]
+  int64_t N = 0, K = 0, rp = 0;  // rp: padded rank
+  Dropout drop;                  // the mask over [N, K], applied to X and to the expand
+  const scalar_t* x = nullptr;   // X [N, K], row stride ldx, unit column stride
+  int64_t ldx = 0;
+  const acc_t* m = nullptr;  // M [K, rp]  -> rowout = mask o X M        [N, rp]
+  acc_t* rowout = nullptr;
+  const acc_t* v = nullptr;  // V [N, rp]  -> colacc = (mask o X)^T V    [K, rp]
+  acc_t* colacc = nullptr;
+  acc_t* colsum = nullptr;   //               colsum = X^T 1              [K]
+  scalar_t* y = nullptr;     // Y [N, K], row stride ldy: Y += alpha * mask o (EV E)
+  int64_t ldy = 0;
+  const acc_t* ev = nullptr;  // [N, rp]
+  const acc_t* e = nullptr;   // [rp, K]
+  acc_t alpha = 1;
 
   void run() const {
     const int nthreads = at::get_num_threads();
@@ -72,13 +90,16 @@ struct RowPass {
     const int64_t tiles = (N + kTileRows - 1) / kTileRows;
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       acc_t* part = partials.data() + at::get_thread_num() * width;
-      std::vector<acc_t> xt(kTileRows * K), keep(drop.active ? K : 0);
+      std::vector<acc_t> xt(x ? kTileRows * K : 0), keep(drop.active ? kTileRows * K : 0);
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t n0 = tile * kTileRows, rows = std::min(kTileRows, N - n0);
-        load_tile(n0, rows, xt.data(), keep.data());
+        for (int64_t i = 0; i < rows && drop.active; ++i) row_keep(drop, n0 + i, K, keep.data() + i * K);
+        const acc_t* kp = drop.active ? keep.data() : nullptr;
+        if (x) load_tile(n0, rows, kp, xt.data());
         if (rowout) tile_rowout(n0, rows, xt.data());
         if (colacc) tile_colacc(n0, rows, xt.data(), part);
         if (colsum) tile_colsum(rows, xt.data(), part + (colacc ? K * rp : 0));
+        if (y) tile_expand(n0, rows, kp);
       }
     });
     // Reduce the per-thread partials (a few [K, rp] buffers) into the outputs.
@@ -90,19 +111,14 @@ struct RowPass {
     }
   }
 
-  // xt[i, :] = dropout(X[n0 + i, :]) in the accumulation type; rows past the end are zero.
-  void load_tile(int64_t n0, int64_t rows, acc_t* xt, acc_t* keep) const {
-    for (int64_t i = 0; i < kTileRows; ++i) {
+  // xt[i, :] = mask o X[n0 + i, :] in the accumulation type; rows past the end are zero.
+  void load_tile(int64_t n0, int64_t rows, const acc_t* keep, acc_t* xt) const {
+    std::fill(xt + rows * K, xt + kTileRows * K, acc_t(0));
+    for (int64_t i = 0; i < rows; ++i) {
       acc_t* dst = xt + i * K;
-      if (i >= rows) {
-        std::fill(dst, dst + K, acc_t(0));
-        continue;
-      }
-      const scalar_t* src = x + (n0 + i) * ldx;
-      for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<acc_t>(src[k]);
-      if (drop.active) {
-        row_keep(drop, n0 + i, K, keep);
-        for (int64_t k = 0; k < K; ++k) dst[k] *= keep[k];
+      at::vec::convert(x + (n0 + i) * ldx, dst, K);
+      if (keep) {
+        for (int64_t k = 0; k < K; ++k) dst[k] *= keep[i * K + k];
       }
     }
   }
@@ -130,7 +146,7 @@ struct RowPass {
     for (int64_t c = 0; c < rp; c += chunk<acc_t>()) {
       Vec vr[kTileRows][2];
       for (int64_t i = 0; i < kTileRows; ++i) {
-        const int64_t n = n0 + std::min(i, rows - 1);  // padded rows have xt = 0
+        const int64_t n = n0 + std::min(i, rows - 1);  // rows past the end have xt = 0
         vr[i][0] = Vec::loadu(v + n * rp + c);
         vr[i][1] = Vec::loadu(v + n * rp + c + Vec::size());
       }
@@ -153,50 +169,37 @@ struct RowPass {
       for (int64_t k = 0; k < K; ++k) sum[k] += xt[i * K + k];
     }
   }
-};
 
-// y[n, :] += alpha * mask(n, :) o (v[n, :] M), y [N, C] (row stride ldy), v [N, rp], M [rp, C].
-template <typename scalar_t>
-void expand(scalar_t* y, int64_t ldy, int64_t N, int64_t C, const at::opmath_type<scalar_t>* v,
-            const at::opmath_type<scalar_t>* m, int64_t rp, at::opmath_type<scalar_t> alpha, const Dropout& drop) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t W = chunk<acc_t>();
-  const int64_t tiles = (N + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> keep(drop.active ? kTileRows * C : 0), out(kTileRows * W);
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n0 = tile * kTileRows, rows = std::min(kTileRows, N - n0);
-      for (int64_t i = 0; i < rows && drop.active; ++i) row_keep(drop, n0 + i, C, keep.data() + i * C);
-      for (int64_t c = 0; c < C; c += W) {
-        const int64_t width = std::min(W, C - c);
-        Vec acc[kTileRows][2];
-        for (auto& row : acc) row[0] = row[1] = Vec(acc_t(0));
-        for (int64_t j = 0; j < rp; ++j) {
-          const acc_t* mj = m + j * C + c;
-          const Vec m0 = width == W ? Vec::loadu(mj) : Vec::loadu(mj, std::min<int64_t>(width, Vec::size()));
-          const Vec m1 = width == W ? Vec::loadu(mj + Vec::size())
-                                    : (width > Vec::size() ? Vec::loadu(mj + Vec::size(), width - Vec::size()) : Vec(0));
-          for (int64_t i = 0; i < kTileRows; ++i) {
-            const Vec vb(v[(n0 + std::min(i, rows - 1)) * rp + j]);
-            acc[i][0] = at::vec::fmadd(vb, m0, acc[i][0]);
-            acc[i][1] = at::vec::fmadd(vb, m1, acc[i][1]);
-          }
-        }
-        for (int64_t i = 0; i < rows; ++i) {
-          acc[i][0].store(out.data());
-          acc[i][1].store(out.data() + Vec::size());
-          scalar_t* dst = y + (n0 + i) * ldy + c;
-          const acc_t* kp = drop.active ? keep.data() + i * C + c : nullptr;
-          for (int64_t k = 0; k < width; ++k) {
-            const acc_t add = alpha * out[k] * (kp ? kp[k] : acc_t(1));
-            dst[k] = static_cast<scalar_t>(static_cast<acc_t>(dst[k]) + add);
-          }
+  void tile_expand(int64_t n0, int64_t rows, const acc_t* keep) const {
+    constexpr int64_t W = chunk<acc_t>();
+    for (int64_t c = 0; c < K; c += W) {
+      const int64_t width = std::min(W, K - c), lo = std::min<int64_t>(width, Vec::size()), hi = width - lo;
+      Vec acc[kTileRows][2];
+      for (auto& row : acc) row[0] = row[1] = Vec(acc_t(0));
+      for (int64_t j = 0; j < rp; ++j) {
+        const acc_t* ej = e + j * K + c;
+        const Vec e0 = Vec::loadu(ej, lo), e1 = hi > 0 ? Vec::loadu(ej + Vec::size(), hi) : Vec(acc_t(0));
+        for (int64_t i = 0; i < kTileRows; ++i) {
+          const Vec vb(ev[(n0 + std::min(i, rows - 1)) * rp + j]);
+          acc[i][0] = at::vec::fmadd(vb, e0, acc[i][0]);
+          acc[i][1] = at::vec::fmadd(vb, e1, acc[i][1]);
         }
       }
+      const Vec va(alpha);
+      for (int64_t i = 0; i < rows; ++i) {
+        Vec a0 = acc[i][0] * va, a1 = acc[i][1] * va;
+        if (keep) {
+          a0 = a0 * Vec::loadu(keep + i * K + c, lo);
+          if (hi > 0) a1 = a1 * Vec::loadu(keep + i * K + c + Vec::size(), hi);
+        }
+        acc_t add[W];
+        a0.store(add, lo);
+        if (hi > 0) a1.store(add + Vec::size(), hi);
+        add_into(y + (n0 + i) * ldy + c, add, width);
+      }
     }
-  });
-}
+  }
+};
 
 // A float copy of a rank-r operand, zero-padded to rp along `rank_dim`.
 at::Tensor padded(const at::Tensor& t, int64_t rank_dim, int64_t rp) {
@@ -232,14 +235,15 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_cpu(const at::Tensor& x, 
     auto t_pad = at::empty({N, rp}, a_t.options());
     if (N > 0) {
       RowPass<scalar_t> down;  // t = dropout(x) A^T: one read of x, the mask made on the fly
-      down.x = x2.const_data_ptr<scalar_t>();
-      down.ldx = x2.stride(0);
       down.N = N, down.K = in, down.rp = rp, down.drop = make_dropout(dropout_p, seed);
-      down.m = a_t.const_data_ptr<acc_t>();
-      down.rowout = t_pad.data_ptr<acc_t>();
+      down.x = x2.const_data_ptr<scalar_t>(), down.ldx = x2.stride(0);
+      down.m = a_t.const_data_ptr<acc_t>(), down.rowout = t_pad.data_ptr<acc_t>();
       down.run();
-      expand<scalar_t>(y.data_ptr<scalar_t>(), y.stride(0), N, out, t_pad.const_data_ptr<acc_t>(),
-                       b_t.const_data_ptr<acc_t>(), rp, static_cast<acc_t>(scale), Dropout{});  // y += s t B^T
+      RowPass<scalar_t> up;  // y += s t B^T, in place
+      up.N = N, up.K = out, up.rp = rp;
+      up.y = y.data_ptr<scalar_t>(), up.ldy = y.stride(0);
+      up.ev = t_pad.const_data_ptr<acc_t>(), up.e = b_t.const_data_ptr<acc_t>(), up.alpha = static_cast<acc_t>(scale);
+      up.run();
     }
     t = rp == r ? t_pad : t_pad.narrow(1, 0, r).contiguous();
   });
@@ -274,30 +278,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
     if (N > 0) {
       // One pass over dy: u = dy B, dB = dy^T t and the bias gradient.
       RowPass<scalar_t> over_dy;
-      over_dy.x = dy.const_data_ptr<scalar_t>();
-      over_dy.ldx = dy.stride(0);
       over_dy.N = N, over_dy.K = out, over_dy.rp = rp;
-      over_dy.m = b_pad.const_data_ptr<acc_t>();
-      over_dy.rowout = u.data_ptr<acc_t>();
-      over_dy.v = t_pad.const_data_ptr<acc_t>();
-      over_dy.colacc = need_b ? db_t.data_ptr<acc_t>() : nullptr;
+      over_dy.x = dy.const_data_ptr<scalar_t>(), over_dy.ldx = dy.stride(0);
+      over_dy.m = b_pad.const_data_ptr<acc_t>(), over_dy.rowout = u.data_ptr<acc_t>();
+      over_dy.v = t_pad.const_data_ptr<acc_t>(), over_dy.colacc = need_b ? db_t.data_ptr<acc_t>() : nullptr;
       over_dy.colsum = need_bias ? dbias_acc.data_ptr<acc_t>() : nullptr;
       over_dy.run();
       u.mul_(scale);
-      const Dropout drop = make_dropout(dropout_p, seed);
-      if (need_a) {  // one pass over x, the mask regenerated: dA^T = dropout(x)^T u
-        RowPass<scalar_t> over_x;
-        over_x.x = x2.const_data_ptr<scalar_t>();
-        over_x.ldx = x2.stride(0);
-        over_x.N = N, over_x.K = in, over_x.rp = rp, over_x.drop = drop;
-        over_x.v = u.const_data_ptr<acc_t>();
-        over_x.colacc = da_t.data_ptr<acc_t>();
-        over_x.run();
+      // One pass over the rows of x and dx, the mask regenerated once: dA^T = dropout(x)^T u and
+      // dx += mask o (u A), in place on the GEMM's output.
+      RowPass<scalar_t> over_x;
+      over_x.N = N, over_x.K = in, over_x.rp = rp, over_x.drop = make_dropout(dropout_p, seed);
+      if (need_a) {
+        over_x.x = x2.const_data_ptr<scalar_t>(), over_x.ldx = x2.stride(0);
+        over_x.v = u.const_data_ptr<acc_t>(), over_x.colacc = da_t.data_ptr<acc_t>();
       }
-      if (need_x) {  // dx += mask o (u A), in place on the GEMM's output
-        expand<scalar_t>(dx.data_ptr<scalar_t>(), dx.stride(0), N, in, u.const_data_ptr<acc_t>(),
-                         a_pad.const_data_ptr<acc_t>(), rp, acc_t(1), drop);
+      if (need_x) {
+        over_x.y = dx.data_ptr<scalar_t>(), over_x.ldy = dx.stride(0);
+        over_x.ev = u.const_data_ptr<acc_t>(), over_x.e = a_pad.const_data_ptr<acc_t>();
       }
+      if (need_a || need_x) over_x.run();
     }
     if (need_a) da = da_t.narrow(1, 0, r).t().contiguous().to(lora_a.scalar_type());
     if (need_b) db = db_t.narrow(1, 0, r).mul(scale).to(lora_b.scalar_type()).contiguous();
