@@ -179,3 +179,16 @@ def test_cuda_matches_cpu_with_the_same_seed():
     cuda_args = [t.detach().cuda() for t in args]
     y_gpu = torch.ops.peftops.lora_linear_forward(*cuda_args, 1.5, 0.4, seed.cuda())[0]
     assert_close(y_gpu.cpu(), y_cpu, torch.float32, "same mask on CPU and CUDA")
+
+
+def test_autocast_runs_in_the_autocast_dtype(device):
+    low = torch.bfloat16
+    x, w, b, a, bb = make(device, torch.float32, (6, 5), 24, 16, 4)
+    with torch.autocast(device, dtype=low):
+        y = peftops.ops.lora_linear(x, w, b, a, bb, 1.5)
+        y_linear = torch.nn.functional.linear(x, w, b)
+    assert y.dtype == y_linear.dtype == low
+    y_ref = ref.lora_linear(*(t.detach().to(low).double() for t in (x, w, b, a, bb)), 1.5)
+    assert_close(y, y_ref, low, "autocast output")
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and a.grad.dtype == torch.float32  # gradients in the leaves' dtype

@@ -1,0 +1,110 @@
+"""Technique configs (../shared/SPEC.md): dataclasses validated on construction, errors naming the field."""
+import math
+import re
+from dataclasses import dataclass
+
+_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _module_names(name, value):
+    """None, a regex string (full match, as peft) or a non-empty list of module-name suffixes; returns it normalised."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value:
+            raise ValueError(f"{name} must not be an empty string")
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{name}: {value!r} is not a valid regular expression ({e})") from None
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+        if not items or not all(isinstance(v, str) and v for v in items):
+            raise ValueError(f"{name} must be a non-empty list of module names, got {value!r}")
+        return items
+    raise ValueError(f"{name} must be None, a regex string or a list of module names, got {type(value).__name__}")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    target_modules: "list[str] | str | None" = None
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    def __post_init__(self):
+        _positive_int("r", self.r)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
+                or self.alpha <= 0:
+            raise ValueError(f"alpha must be a positive finite number, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        self.target_modules = _module_names("target_modules", self.target_modules)
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"use_rslora must be a bool, got {self.use_rslora!r}")
+        if self.use_dora is not False:
+            raise ValueError("use_dora: DoRA is not supported yet (it arrives with issue 6)")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+@dataclass
+class PrefixConfig:
+    num_virtual_tokens: int = 20
+
+    def __post_init__(self):
+        _positive_int("num_virtual_tokens", self.num_virtual_tokens)
+
+
+@dataclass
+class AdapterConfig:
+    bottleneck: int = 64
+    placement: str = "pfeiffer"
+    activation: str = "relu"
+    scale: float = 1.0
+
+    def __post_init__(self):
+        _positive_int("bottleneck", self.bottleneck)
+        if self.placement not in ("pfeiffer", "houlsby", "parallel"):
+            raise ValueError(f"placement must be 'pfeiffer', 'houlsby' or 'parallel', got {self.placement!r}")
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise ValueError(f"scale must be a finite number, got {self.scale!r}")
+
+
+@dataclass
+class BitFitConfig:
+    train_norm_bias: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.train_norm_bias, bool):
+            raise ValueError(f"train_norm_bias must be a bool, got {self.train_norm_bias!r}")
+
+
+@dataclass
+class IA3Config:
+    target_modules: "list[str] | str | None" = None
+    feedforward_modules: "list[str] | str | None" = None
+
+    def __post_init__(self):
+        self.target_modules = _module_names("target_modules", self.target_modules)
+        self.feedforward_modules = _module_names("feedforward_modules", self.feedforward_modules)
+        # As peft: with explicit lists, feed-forward modules must be among the targets.
+        if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ValueError(f"feedforward_modules {extra} are not in target_modules")

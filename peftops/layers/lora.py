@@ -1,0 +1,78 @@
+"""LoraLinear: a LoRA drop-in over nn.Linear or transformers' GPT-2 Conv1D, computed by the fused op."""
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+
+
+def conv1d_class():
+    """transformers' Conv1D (weight stored [in, out]), or None when transformers is not installed."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def is_supported(module: nn.Module) -> bool:
+    conv1d = conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight as [out, in]: Conv1D's is stored [in, out], so it is a transposed view (no copy)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+class LoraLinear(nn.Module):
+    """`base(x) + scaling * dropout(x) @ lora_A.T @ lora_B.T`, with the original module kept as `base_layer`.
+
+    Parameters are named as peft's (`<name>.base_layer.weight`, `lora_A` [r, in], `lora_B` [out, r]) so state dict
+    keys map one to one onto peft's; initialisation is peft's (A Kaiming-uniform, B zero)."""
+
+    def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float = 0.0):
+        super().__init__()
+        if not is_supported(base_layer):
+            raise ValueError(f"LoraLinear wraps nn.Linear or transformers' Conv1D, not {type(base_layer).__name__}")
+        weight = base_layer.weight
+        if not weight.is_floating_point():
+            raise ValueError(f"LoraLinear needs a floating-point base weight, got {weight.dtype}")
+        out_features, in_features = base_weight(base_layer).shape
+        self.base_layer = base_layer
+        self.r, self.scaling, self.dropout = r, float(scaling), float(dropout)
+        self.merged = False
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=weight.dtype, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        return ops.lora_linear(x, base_weight(self.base_layer), self.base_layer.bias, self.lora_A, self.lora_B,
+                               self.scaling, self.dropout, training=self.training)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """Fold `scaling * B @ A` into the base weight; from then on this layer computes the base alone. Returns
+        the base layer, which can replace this one."""
+        if not self.merged:
+            a, b = self.lora_A, self.lora_B
+            if a.dtype in (torch.float16, torch.bfloat16):  # as peft: half matmuls are slow or lossy on CPU
+                a, b = a.float(), b.float()
+            delta = (b @ a) * self.scaling
+            base_weight(self.base_layer).add_(delta.to(self.base_layer.weight.dtype))
+            self.merged = True
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout:g}" + (", merged" if self.merged else "")

@@ -1,0 +1,51 @@
+"""Model surgery: patch, unpatch, merge and trainable_parameters (../shared/SPEC.md)."""
+from torch import nn
+
+from ..config import AdapterConfig, BitFitConfig, IA3Config, LoraConfig, PrefixConfig
+from . import adapter, backend
+
+# Techniques whose configs exist but whose layers arrive with later issues: refused clearly, never faked.
+_LATER = {PrefixConfig: "prefix tuning arrives with issue 3", AdapterConfig: "bottleneck adapters arrive with issue 4",
+          BitFitConfig: "BitFit arrives with issue 5", IA3Config: "IA3 arrives with issue 5"}
+
+
+def patch(model: nn.Module, config=None, *, adapter_name: str = "default") -> nn.Module:
+    """Adapter mode with a config (peftops layers in place, base frozen); backend mode without one on a peft model
+    (peft's LoRA layers compute through peftops kernels). Returns the same object."""
+    if config is None:
+        return backend.patch_peft(model)
+    if type(config) in _LATER:
+        raise NotImplementedError(f"peftops.patch with {type(config).__name__}: {_LATER[type(config)]}")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a peftops config such as peftops.LoraConfig, got {type(config).__name__}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+    if backend.is_peft_model(model):
+        raise ValueError("model is a peft.PeftModel: call peftops.patch(model) without a config (backend mode)")
+    return adapter.patch_lora(model, config, adapter_name)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Back to the original modules (or peft's forwards) and requires_grad flags."""
+    if adapter.get_state(model) is not None:
+        return adapter.unpatch_lora(model)
+    if backend.is_patched_peft(model):
+        return backend.unpatch_peft(model)
+    raise ValueError(f"{type(model).__name__} is not patched by peftops")
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the base weights and remove their layers. Adapter mode returns the same model with
+    its original modules and requires_grad flags; on a peft model, returns peft's `merge_and_unload()`."""
+    if adapter.get_state(model) is not None:
+        return adapter.unpatch_lora(model, merge=True)
+    if backend.is_peft_model(model):
+        backend.unpatch_peft(model)
+        return model.merge_and_unload()
+    raise ValueError(f"{type(model).__name__} is not patched by peftops and is not a peft model: nothing to merge")
+
+
+def trainable_parameters(model: nn.Module) -> tuple:
+    """(trainable, total) parameter element counts; shared (tied) parameters count once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -1,0 +1,144 @@
+"""Backend mode: every peft LoRA `Linear` layer of a PeftModel computes through peftops.ops.lora_linear.
+
+Only the layers' `forward` is replaced, per instance and reversibly; parameters, names, state dict keys and peft's
+API stay peft's. What the fused op does not cover runs peft's own forward, with one warning per reason."""
+import types
+import warnings
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..layers.lora import base_weight, conv1d_class
+
+_SAVED = "_peftops_saved_forward"  # the instance's own forward before patching (None: the class's)
+_WARNED = "_peftops_warned"  # the set of fallback reasons already warned about, shared by one patch call
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _peft_forward(module):
+    saved = module.__dict__[_SAVED]
+    return saved if saved is not None else types.MethodType(type(module).forward, module)
+
+
+def _plain_base(base: nn.Module) -> bool:
+    conv1d = conv1d_class()
+    kind = type(base).forward
+    hooks = base._forward_hooks or base._forward_pre_hooks
+    return not hooks and (kind is nn.Linear.forward or (conv1d is not None and kind is conv1d.forward))
+
+
+def _fallback_reason(module, x, args, kwargs, active):
+    """Why this call must run peft's forward, or None when the fused op computes exactly what peft would."""
+    if kwargs.get("adapter_names") is not None:
+        return "adapter_names= (mixed adapter batches, coming with issue 6)"
+    if args or any(v is not None for v in kwargs.values()):
+        return "extra forward arguments"
+    base = module.base_layer
+    if not _plain_base(base):
+        return f"base layer {type(base).__name__} (not a plain nn.Linear or Conv1D, or it has hooks)"
+    weight = base.weight
+    if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
+        return f"base weight of type {type(weight).__name__}"
+    if weight.requires_grad:
+        return "a trainable base weight (the op never gives the base weight a gradient)"
+    for name in active:
+        if module.use_dora.get(name, False):
+            return "DoRA (coming with issue 6)"
+        if name in module.lora_variant:
+            return f"LoRA variant {type(module.lora_variant[name]).__name__}"
+        if module.lora_bias.get(name, False):
+            return "lora_bias"
+        a, b, drop = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+        if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
+            return "LoRA factors that are not plain bias-free nn.Linear"
+        if type(drop) not in (nn.Dropout, nn.Identity):
+            return f"dropout module {type(drop).__name__}"
+        if not x.is_floating_point() or x.dtype != weight.dtype or not a.weight.is_floating_point():
+            return "an input whose dtype differs from the base weight's, or non-float weights"
+    return None
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    # Base only (adapters disabled or merged) or an adapter set the op does not cover: peft's code is exact there.
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    if self.disable_adapters or self.merged or not active:
+        return _peft_forward(self)(x, *args, **kwargs)
+    reason = _fallback_reason(self, x, args, kwargs, active)
+    if reason is not None:
+        warned = self.__dict__[_WARNED]
+        if reason not in warned:
+            warned.add(reason)
+            warnings.warn(f"peftops: peft LoRA layers run peft's own forward for {reason}", stacklevel=2)
+        return _peft_forward(self)(x, *args, **kwargs)
+
+    def dropout_p(name):
+        drop = self.lora_dropout[name]
+        return drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+
+    base = self.base_layer
+    first, *rest = active
+    # peft keeps LoRA factors in float32 over a half-precision base (autocast_adapter_dtype); the fused op computes
+    # in the base dtype (float32 accumulation), so the factors are cast, differentiably, and the low-rank path is
+    # rounded to that dtype where peft would round only its sum.
+    a, b = (self.lora_A[first].weight.to(x.dtype), self.lora_B[first].weight.to(x.dtype))
+    result = ops.lora_linear(x, base_weight(base), base.bias, a, b, self.scaling[first], dropout_p(first),
+                             training=self.training)
+    for name in rest:  # further active adapters add their own low-rank term, as peft does
+        lora_x = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
+        delta = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](lora_x))) * self.scaling[name]
+        result = result + delta.to(result.dtype)
+    return result
+
+
+def patch_peft(model) -> nn.Module:
+    """Swap the forward of every peft LoRA `Linear` layer; idempotent (a second call patches only layers added since,
+    e.g. by `add_adapter` with new target modules)."""
+    if not is_peft_model(model):
+        raise ValueError(f"peftops.patch(model) without a config needs a peft.PeftModel adapted with LoRA, got "
+                         f"{type(model).__name__}; pass a peftops.LoraConfig to add peftops adapters to a plain model")
+    from peft.tuners.lora.layer import Linear, LoraLayer
+
+    kinds = sorted({str(getattr(c.peft_type, "value", c.peft_type)) for c in model.peft_config.values()})
+    if "IA3" in kinds:
+        raise NotImplementedError("peftops backend mode for peft IA3 models arrives with issue 5")
+    if kinds != ["LORA"]:
+        raise ValueError(f"peftops backend mode supports peft LoRA models, this one has adapter types {kinds}")
+
+    warned = next((m.__dict__[_WARNED] for m in model.modules() if _WARNED in m.__dict__), set())
+    uncovered = set()
+    for module in model.modules():
+        if isinstance(module, Linear) and type(module).forward is Linear.forward:
+            if _SAVED not in module.__dict__:
+                module.__dict__[_SAVED] = module.__dict__.get("forward")
+                module.__dict__[_WARNED] = warned
+                module.forward = types.MethodType(_fused_forward, module)
+        elif isinstance(module, LoraLayer):
+            uncovered.add(type(module).__name__)
+    if uncovered and "layer types" not in warned:
+        warned.add("layer types")
+        warnings.warn(f"peftops: peft LoRA layers of type {sorted(uncovered)} keep peft's own forward", stacklevel=3)
+    return model
+
+
+def is_patched_peft(model) -> bool:
+    return any(_SAVED in m.__dict__ for m in model.modules())
+
+
+def unpatch_peft(model) -> nn.Module:
+    for module in model.modules():
+        if _SAVED in module.__dict__:
+            saved = module.__dict__.pop(_SAVED)
+            del module.__dict__[_WARNED]
+            if saved is None:
+                del module.forward
+            else:
+                module.forward = saved
+    return model

@@ -1,0 +1,172 @@
+"""Adapter files in peft's format, both ways, and every way a file can fail to fit."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import peftops
+from peftops import LoraConfig
+from tiny_models import (BUILDERS, assert_close, input_ids, output, patched_pair, peft_lora_config, randomize_lora,
+                         tiny_gpt2, tiny_llama)
+
+peft = pytest.importorskip("peft")
+
+CONFIGS = [LoraConfig(r=4, alpha=8), LoraConfig(r=3, alpha=6, use_rslora=True, bias="lora_only",
+                                                target_modules=r".*\.(q_proj|down_proj|c_attn|c_fc|query|dense)"),
+           LoraConfig(r=2, alpha=4, bias="all", target_modules=["v_proj", "up_proj"])]
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["plain", "rslora-lora_only-regex", "all"])
+def test_peft_loads_what_we_save(tmp_path, family, config):
+    if family == "gpt2" and isinstance(config.target_modules, list):
+        config = LoraConfig(r=config.r, alpha=config.alpha, bias=config.bias, target_modules=["c_proj", "c_fc"])
+    base = BUILDERS[family]()
+    fresh = copy.deepcopy(base)
+    ours = peftops.patch(base, config)
+    randomize_lora(ours)
+    with torch.no_grad():  # a trained bias must travel with the adapter
+        for n, p in ours.named_parameters():
+            if p.requires_grad and n.endswith("bias"):
+                p.add_(0.5)
+    peftops.save_adapter(ours, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path)
+    ids = input_ids()
+    assert_close(output(loaded, ids), output(ours, ids), what="peft-loaded")
+
+    # Same keys and shapes as peft's own save_pretrained writes for this config.
+    ref = peft.get_peft_model(BUILDERS[family](), peft_lora_config(config, ours))
+    ref.save_pretrained(tmp_path / "peft")
+    mine, theirs = peftops.io.read_weights(str(tmp_path)), peftops.io.read_weights(str(tmp_path / "peft"))
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in theirs.items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_we_load_what_peft_saves(tmp_path, family):
+    config = LoraConfig(r=4, alpha=8, bias="lora_only")
+    _, ref = patched_pair(BUILDERS[family], config, seed=5)
+    ref.save_pretrained(tmp_path)
+    ours = peftops.patch(BUILDERS[family](), config)
+    assert peftops.load_adapter(ours, str(tmp_path)) is ours
+    ids = input_ids()
+    assert_close(output(ours, ids), output(ref, ids), what="loaded from peft")
+
+
+def test_own_round_trip_and_legacy_bin(tmp_path):
+    config = LoraConfig(r=4, alpha=8)
+    ours = peftops.patch(tiny_llama(), config)
+    randomize_lora(ours)
+    peftops.save_adapter(ours, str(tmp_path / "a"))
+    other = peftops.patch(tiny_llama(), config)
+    peftops.load_adapter(other, str(tmp_path / "a"))
+    ids = input_ids()
+    assert torch.equal(output(other, ids), output(ours, ids))
+    # A legacy adapter_model.bin of plain tensors loads through torch.load(weights_only=True).
+    os.makedirs(tmp_path / "b")
+    torch.save(peftops.io.read_weights(str(tmp_path / "a")), tmp_path / "b" / "adapter_model.bin")
+    third = peftops.patch(tiny_llama(), config)
+    peftops.load_adapter(third, str(tmp_path / "b"))
+    assert torch.equal(output(third, ids), output(ours, ids))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.makedirs, ("SHOULD_NOT_EXIST",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = peftops.patch(tiny_llama(), LoraConfig(r=4))
+    before = state(model)
+    torch.save({"x": _RunsCode()}, tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match="would run code"):
+        peftops.load_adapter(model, str(tmp_path))
+    assert not os.path.exists(tmp_path / "SHOULD_NOT_EXIST")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def _corrupt(tmp_path, edit):
+    source = peftops.patch(tiny_llama(), LoraConfig(r=4, alpha=8))
+    randomize_lora(source)
+    peftops.save_adapter(source, str(tmp_path))
+    from safetensors.torch import save_file
+    tensors = peftops.io.read_weights(str(tmp_path))
+    edit(tensors)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+
+
+K = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda t: t.pop(K), K), (lambda t: t.update(extra=torch.zeros(1)), "extra"),
+    (lambda t: t.update({K: torch.zeros(4, 31)}), "(4, 31)"),
+])
+def test_mismatched_tensors_name_the_keys_and_leave_the_model_unchanged(tmp_path, edit, named):
+    _corrupt(tmp_path, edit)
+    model = peftops.patch(tiny_llama(), LoraConfig(r=4, alpha=8))
+    before = state(model)
+    with pytest.raises(ValueError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        peftops.load_adapter(model, str(tmp_path))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("config, named", [(LoraConfig(r=2, alpha=8), "r: file 4"),
+                                           (LoraConfig(r=4, alpha=16), "lora_alpha"),
+                                           (LoraConfig(r=4, alpha=8, use_rslora=True), "use_rslora")])
+def test_other_config_is_refused(tmp_path, config, named):
+    source = peftops.patch(tiny_llama(), LoraConfig(r=4, alpha=8))
+    peftops.save_adapter(source, str(tmp_path))
+    model = peftops.patch(tiny_llama(), config)
+    before = state(model)
+    with pytest.raises(ValueError, match=named):
+        peftops.load_adapter(model, str(tmp_path))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_other_rank_without_config_file_is_caught_by_shapes(tmp_path):
+    source = peftops.patch(tiny_llama(), LoraConfig(r=4))
+    peftops.save_adapter(source, str(tmp_path))
+    os.remove(tmp_path / "adapter_config.json")
+    with pytest.raises(ValueError, match="wrong shapes"):
+        peftops.load_adapter(peftops.patch(tiny_llama(), LoraConfig(r=8)), str(tmp_path))
+
+
+def test_io_errors(tmp_path):
+    with pytest.raises(ValueError, match="not patched"):
+        peftops.save_adapter(tiny_llama(), str(tmp_path))
+    with pytest.raises(ValueError, match="not patched"):
+        peftops.load_adapter(tiny_llama(), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="adapter_model"):
+        peftops.load_adapter(peftops.patch(tiny_llama(), LoraConfig()), str(tmp_path))
+    with open(tmp_path / "adapter_config.json", "w") as f:
+        json.dump({"peft_type": "IA3"}, f)
+    with pytest.raises(ValueError, match="IA3"):
+        peftops.load_adapter(peftops.patch(tiny_llama(), LoraConfig()), str(tmp_path))
+
+
+def test_backend_mode_delegates_to_peft(tmp_path):
+    ref = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=True))
+    randomize_lora(ref)
+    peftops.patch(ref)
+    peftops.save_adapter(ref, str(tmp_path / "a"))
+    target = peftops.patch(peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=True)))
+    peftops.load_adapter(target, str(tmp_path / "a"))
+    ids = input_ids()
+    assert torch.equal(output(target, ids), output(ref, ids))
+    # A rank-2 peft model refuses the rank-4 file and keeps its weights.
+    small = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=2, lora_alpha=8, fan_in_fan_out=True))
+    before = state(small)
+    with pytest.raises(ValueError, match="r: file 4"):
+        peftops.load_adapter(small, str(tmp_path / "a"))
+    os.remove(tmp_path / "a" / "adapter_config.json")
+    with pytest.raises(ValueError, match="wrong shapes"):
+        peftops.load_adapter(small, str(tmp_path / "a"))
+    assert all(torch.equal(v, before[k]) for k, v in small.state_dict().items())

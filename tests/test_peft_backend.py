@@ -1,0 +1,244 @@
+"""Backend mode: peftops.patch(peft_model) routes peft's LoRA Linear layers through the fused op, keeping peft's
+parameters, names and API; outputs and gradients match unpatched peft."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import peftops
+from tiny_models import BUILDERS, assert_close, input_ids, loss_of, output, randomize_lora, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+
+def lora_config(family="llama", **kwargs):
+    kwargs.setdefault("r", 4)
+    kwargs.setdefault("lora_alpha", 8)
+    return peft.LoraConfig(fan_in_fan_out=family == "gpt2", **kwargs)
+
+
+def peft_pair(family="llama", **kwargs):
+    """(patched, reference): the same peft model twice, with random LoRA factors; only the first is patched."""
+    ref = peft.get_peft_model(BUILDERS[family](), lora_config(family, **kwargs))
+    randomize_lora(ref)
+    ours = copy.deepcopy(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing falls back on a plain LoRA model
+        assert peftops.patch(ours) is ours
+    return ours, ref
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    calls = []
+    fused = peftops.ops.lora_linear
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(peftops.ops, "lora_linear", spy)
+    return calls
+
+
+def check_same(ours, ref, ids=None, rtol=1e-5):
+    ids = input_ids() if ids is None else ids
+    out_ours, out_ref = output(ours, ids), output(ref, ids)
+    assert_close(out_ours, out_ref, rtol, what="outputs")
+    loss_of(out_ours).backward()
+    loss_of(out_ref).backward()
+    ref_params = dict(ref.named_parameters())
+    assert list(ref_params) == [n for n, _ in ours.named_parameters()]
+    for name, p in ours.named_parameters():
+        assert p.requires_grad == ref_params[name].requires_grad, name
+        if ref_params[name].grad is not None:
+            assert_close(p.grad, ref_params[name].grad, rtol, what=f"grad of {name}")
+    ours.zero_grad()
+    ref.zero_grad()
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_matches_peft(family, op_calls):
+    targets = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"], "bert": ["query", "dense"]}
+    ours, ref = peft_pair(family, target_modules=targets[family], bias="all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_same(ours.train(), ref.train())
+    layers = sum(isinstance(m, peft.tuners.lora.layer.Linear) for m in ours.modules())
+    assert len(op_calls) == layers > 0
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+
+
+def test_dropout_eval_matches_and_train_reproduces():
+    ours, ref = peft_pair(lora_dropout=0.2)
+    ids = input_ids()
+    assert_close(output(ours.eval(), ids), output(ref.eval(), ids), what="eval with dropout")
+    ours.train()
+    torch.manual_seed(3)
+    first = loss_of(output(ours, ids))
+    torch.manual_seed(3)
+    assert torch.equal(first, loss_of(output(ours, ids)))
+
+
+def test_several_adapters_set_adapter_and_add_adapter(op_calls):
+    ours, ref = peft_pair()
+    other = lora_config(r=2, lora_alpha=3, target_modules=["q_proj", "k_proj"])
+    for model in (ours, ref):
+        model.add_adapter("other", other)
+        randomize_lora(model, seed=7)
+    peftops.patch(ours)  # idempotent: patches only the k_proj layers that add_adapter created
+    assert sum("_peftops_saved_forward" in m.__dict__ for m in ours.modules()) == 6
+    for model in (ours, ref):
+        model.set_adapter("other")
+    check_same(ours, ref)
+    for model in (ours, ref):  # two adapters active at once: the first fused with the base, the second added
+        model.base_model.set_adapter(["default", "other"])
+    op_calls.clear()
+    check_same(ours, ref)
+    assert len(op_calls) == 6
+
+
+def test_disable_adapter_and_merged_state():
+    ours, ref = peft_pair()
+    ids = input_ids()
+    with ours.disable_adapter(), ref.disable_adapter():
+        base = output(ref, ids)
+        assert_close(output(ours, ids), base, what="disabled")
+    assert not torch.allclose(output(ours, ids), base)
+    ours.base_model.merge_adapter()
+    ref.base_model.merge_adapter()
+    assert_close(output(ours, ids), output(ref, ids), what="merged adapter")
+    ours.base_model.unmerge_adapter()
+    ref.base_model.unmerge_adapter()
+    check_same(ours, ref, ids)
+
+
+def test_merge_and_unload():
+    ours, ref = peft_pair(family="gpt2")
+    ids = input_ids()
+    expected = output(ref, ids)
+    assert_close(output(ours.merge_and_unload(), ids), expected, what="merge_and_unload")
+    ours, _ = peft_pair(family="gpt2")
+    merged = peftops.merge(ours)
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in merged.modules())
+    assert_close(output(merged, ids), expected, what="peftops.merge")
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    ours, ref = peft_pair()
+    ours.save_pretrained(tmp_path / "ours")
+    ref.save_pretrained(tmp_path / "ref")
+    saved = peftops.io.read_weights(str(tmp_path / "ours"))
+    expected = peftops.io.read_weights(str(tmp_path / "ref"))
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in saved)
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
+    peftops.patch(loaded)
+    ids = input_ids()
+    assert_close(output(loaded, ids), output(ours, ids), what="reloaded")
+
+
+def test_unpatch_restores_peft_forwards():
+    ours, ref = peft_pair()
+    assert peftops.unpatch(ours) is ours
+    assert not any("forward" in m.__dict__ or "_peftops_saved_forward" in m.__dict__ for m in ours.modules())
+    ids = input_ids()
+    assert torch.equal(output(ours, ids), output(ref, ids))
+    with pytest.raises(ValueError, match="not patched"):
+        peftops.unpatch(ours)
+
+
+def test_deepcopy_of_a_patched_model_uses_its_own_parameters():
+    ours, ref = peft_pair()
+    twin = copy.deepcopy(ours)
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if "lora_B" in name:
+                p.mul_(2)
+    ids = input_ids()
+    assert_close(output(ours, ids), output(ref, ids), what="original after copy")
+    assert not torch.allclose(output(twin, ids), output(ours, ids))
+
+
+def record(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fn()
+    return result, [str(w.message) for w in caught if "peftops" in str(w.message)]
+
+
+def test_dora_falls_back_to_peft_with_one_warning(op_calls):
+    ours, ref = peft_pair(use_dora=True)
+    ids = input_ids()
+    _, messages = record(lambda: [output(ours, ids) for _ in range(2)])
+    assert len(messages) == 1 and "DoRA" in messages[0]
+    assert not op_calls
+    check_same(ours, ref, ids)
+
+
+def test_mixed_adapter_batches_fall_back():
+    ours, ref = peft_pair()
+    ours.eval(), ref.eval()  # peft allows adapter_names only for inference
+    ids = input_ids()
+    names = ["default", "__base__"]
+    out, messages = record(lambda: ours(input_ids=ids, adapter_names=names).logits)
+    assert len(messages) == 1 and "adapter_names" in messages[0]
+    assert_close(out, ref(input_ids=ids, adapter_names=names).logits, what="mixed batch")
+
+
+def test_other_layer_types_keep_peft_forward():
+    ref = peft.get_peft_model(tiny_llama(), lora_config(target_modules=["embed_tokens", "q_proj"]))
+    randomize_lora(ref)
+    ours = copy.deepcopy(ref)
+    _, messages = record(lambda: peftops.patch(ours))
+    assert len(messages) == 1 and "Embedding" in messages[0]
+    check_same(ours, ref)
+
+
+def test_backend_mode_errors():
+    with pytest.raises(ValueError, match="peft.PeftModel"):
+        peftops.patch(tiny_llama())
+    ia3 = peft.get_peft_model(tiny_llama(), peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    with pytest.raises(NotImplementedError, match="issue 5"):
+        peftops.patch(ia3)
+    ours, _ = peft_pair()
+    with pytest.raises(ValueError, match="without a config"):
+        peftops.patch(ours, peftops.LoraConfig())
+
+
+def test_bfloat16_base_with_float32_factors(op_calls):
+    # peft keeps the LoRA factors in float32 over a bf16 base; the fused path casts them and stays close to peft.
+    ref = peft.get_peft_model(tiny_llama().to(torch.bfloat16), lora_config())
+    assert ref.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    randomize_lora(ref)
+    ours = copy.deepcopy(ref)
+    peftops.patch(ours)
+    ids = input_ids()
+    out_ours, out_ref = output(ours, ids), output(ref, ids)
+    assert op_calls and out_ours.dtype == torch.bfloat16
+    torch.testing.assert_close(out_ours.float(), out_ref.float(), rtol=0.05, atol=0.05)
+    loss_of(out_ours).backward()
+    loss_of(out_ref).backward()
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            assert p.grad.dtype == torch.float32
+            assert torch.nn.functional.cosine_similarity(p.grad.flatten(), grads[name].flatten(), dim=0) > 0.99, name
+
+
+def test_trainable_base_weight_falls_back_so_it_gets_its_gradient():
+    ours, ref = peft_pair()
+    for model in (ours, ref):
+        model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_(True)
+    _, messages = record(lambda: check_same(ours, ref))
+    assert len(messages) == 1 and "trainable base weight" in messages[0]
+
+
+def test_autocast_runs_the_fused_op_like_peft(op_calls):
+    ours, ref = peft_pair("llama")
+    ids = input_ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ours, out_ref = output(ours, ids), output(ref, ids)
+    assert op_calls, "the fused op ran under autocast"
+    assert_close(out_ours.float(), out_ref.float(), 5e-2, what="bf16 autocast outputs")
