@@ -15,9 +15,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, *, traini
                                              training=training)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
-    seed = None
-    if training and dropout_p > 0.0:
-        seed = torch.randint(2**63 - 1, (), device=x.device)
+    seed = reference.draw_seed(x.device, dropout_p, training)
     return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p if seed is not None else 0.0, seed)
 
 

@@ -51,3 +51,24 @@ def apply_dropout(x: torch.Tensor, p: float, seed) -> torch.Tensor:
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, seed=None):
     """x W^T + b + scale * dropout(x) A^T B^T; the mask is the kernels' Philox mask for `seed`."""
     return F.linear(x, weight.detach(), bias) + scale * F.linear(F.linear(apply_dropout(x, dropout_p, seed), lora_a), lora_b)
+
+
+def draw_seed(device, p: float, training: bool):
+    """The dropout seed an op draws from torch's generator for `device` (None when no dropout runs)."""
+    return torch.randint(2**63 - 1, (), device=device) if training and p > 0.0 else None
+
+
+def bias_linear(x, weight, bias):
+    return F.linear(x, weight.detach(), bias)
+
+
+def bias_dropout_add(x, bias, residual, p=0.0, seed=None):
+    return residual + apply_dropout(x + bias, p, seed)
+
+
+def ia3_linear(x, weight, bias, ia3_scale, feedforward=False):
+    """peft's IA3: output scaling `(x W^T + b) * l`, or input scaling `(x * l) W^T + b` for feed-forward layers."""
+    l = ia3_scale.reshape(-1)
+    if feedforward:
+        return F.linear(x * l, weight.detach(), bias)
+    return F.linear(x, weight.detach(), bias) * l

@@ -195,6 +195,23 @@ struct RowPass {
   }
 };
 
+// Runs row(n, partial) for every row n of an [N, K] problem in parallel; each thread adds into its own zeroed
+// `width` accumulators, which are summed into sums[0:width] at the end (column reductions in one pass).
+template <typename acc_t, typename RowFn>
+void rows_reducing(int64_t N, int64_t K, int64_t width, acc_t* sums, const RowFn& row) {
+  const int nthreads = at::get_num_threads();
+  std::vector<acc_t> partials(static_cast<size_t>(nthreads) * width, acc_t(0));
+  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K)), [&](int64_t begin, int64_t end) {
+    acc_t* part = partials.data() + at::get_thread_num() * width;
+    for (int64_t n = begin; n < end; ++n) row(n, part);
+  });
+  for (int64_t i = 0; i < width; ++i) {
+    acc_t sum = 0;
+    for (int t = 0; t < nthreads; ++t) sum += partials[t * width + i];
+    sums[i] = sum;
+  }
+}
+
 // A float copy of a rank-r operand, zero-padded to rp along `rank_dim`.
 inline at::Tensor padded(const at::Tensor& t, int64_t rank_dim, int64_t rp) {
   const auto acc = at::toOpMathType(t.scalar_type());

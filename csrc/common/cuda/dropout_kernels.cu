@@ -23,24 +23,28 @@ int blocks_for(int64_t groups) {
 
 // One thread per group of 4 consecutive elements: one Philox block serves all four.
 template <typename scalar_t>
-__global__ void dropout_apply_kernel(const scalar_t* __restrict__ src, int64_t lds, scalar_t* __restrict__ dst,
+__global__ void dropout_apply_kernel(const scalar_t* __restrict__ src, int64_t lds, const scalar_t* __restrict__ bias,
+                                     const scalar_t* __restrict__ residual, int64_t ldr, scalar_t* __restrict__ dst,
                                      int64_t ldd, int64_t rows, int64_t cols, const int64_t* __restrict__ seed,
                                      uint32_t threshold, double keep_scale, bool accumulate) {
   using acc_t = at::opmath_type<scalar_t>;
   const uint64_t total = static_cast<uint64_t>(rows) * static_cast<uint64_t>(cols);
-  const uint64_t key = static_cast<uint64_t>(*seed);
+  const uint64_t key = seed ? static_cast<uint64_t>(*seed) : 0;
   for (uint64_t g = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; g * 4 < total;
        g += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
-    const Philox4 block = philox4x32_10(g, 0, key);
+    const Philox4 block = seed ? philox4x32_10(g, 0, key) : Philox4{0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu};
 #pragma unroll
     for (uint64_t lane = 0; lane < 4; ++lane) {
       const uint64_t e = g * 4 + lane;
       if (e >= total) break;
       const int64_t n = static_cast<int64_t>(e / cols), k = static_cast<int64_t>(e % cols);
       const acc_t scale = philox_word(block, lane) >= threshold ? static_cast<acc_t>(keep_scale) : acc_t(0);
-      const acc_t v = scale * static_cast<acc_t>(src[n * lds + k]);
+      acc_t v = static_cast<acc_t>(src[n * lds + k]);
+      if (bias) v += static_cast<acc_t>(bias[k]);
       scalar_t* out = dst + n * ldd + k;
-      *out = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(*out) + v : v);
+      const acc_t base = residual ? static_cast<acc_t>(residual[n * ldr + k])
+                                  : (accumulate ? static_cast<acc_t>(*out) : acc_t(0));
+      *out = static_cast<scalar_t>(base + scale * v);
     }
   }
 }
@@ -74,20 +78,28 @@ at::Tensor dropout_keep_mask_cuda(c10::IntArrayRef size, double p, const at::Ten
 
 }  // namespace
 
-void dropout_apply(const at::Tensor& src, at::Tensor& dst, const at::Tensor& seed, double p, bool accumulate) {
+void dropout_apply(const at::Tensor& src, at::Tensor& dst, const std::optional<at::Tensor>& seed, double p,
+                   bool accumulate, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(src.dim() == 2 && dst.sizes() == src.sizes() && src.stride(1) == 1 && dst.stride(1) == 1,
               "dropout_apply: expects two 2-D matrices of one shape with unit column stride");
   TORCH_CHECK(src.scalar_type() == dst.scalar_type(), "dropout_apply: src and dst dtypes differ");
-  TORCH_CHECK(seed.is_cuda() && seed.scalar_type() == at::kLong, "dropout_apply: seed must be an int64 CUDA tensor");
+  const bool masked = p > 0.0 && seed.has_value() && seed->defined();
+  TORCH_CHECK(!masked || (seed->is_cuda() && seed->scalar_type() == at::kLong),
+              "dropout_apply: seed must be an int64 CUDA tensor");
+  const bool has_bias = bias.has_value() && bias->defined(), has_res = residual.has_value() && residual->defined();
+  TORCH_CHECK(!has_bias || (bias->is_contiguous() && bias->numel() == src.size(1)), "dropout_apply: bad bias");
+  TORCH_CHECK(!has_res || (residual->sizes() == src.sizes() && residual->stride(1) == 1), "dropout_apply: bad residual");
   if (src.numel() == 0) return;
   c10::cuda::CUDAGuard guard(src.device());
-  const auto seed_c = seed.contiguous();
+  const auto seed_c = masked ? seed->contiguous() : at::Tensor();
   const int64_t groups = (src.numel() + 3) / 4;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "dropout_apply_cuda", [&] {
     dropout_apply_kernel<scalar_t><<<blocks_for(groups), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        src.const_data_ptr<scalar_t>(), src.stride(0), dst.data_ptr<scalar_t>(), dst.stride(0), src.size(0),
-        src.size(1), seed_c.const_data_ptr<int64_t>(), dropout_threshold(p), 1.0 / (1.0 - p),
-        accumulate);
+        src.const_data_ptr<scalar_t>(), src.stride(0), has_bias ? bias->const_data_ptr<scalar_t>() : nullptr,
+        has_res ? residual->const_data_ptr<scalar_t>() : nullptr, has_res ? residual->stride(0) : 0,
+        dst.data_ptr<scalar_t>(), dst.stride(0), src.size(0), src.size(1),
+        masked ? seed_c.const_data_ptr<int64_t>() : nullptr, masked ? dropout_threshold(p) : 0u,
+        masked ? 1.0 / (1.0 - p) : 1.0, accumulate);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

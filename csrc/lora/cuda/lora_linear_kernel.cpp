@@ -22,7 +22,7 @@ at::Tensor dropped(const at::Tensor& x2, double dropout_p, const std::optional<a
   if (dropout_p <= 0.0 || !seed.has_value() || !seed->defined()) return x2;
   const auto src = x2.stride(1) == 1 ? x2 : x2.contiguous();
   auto dst = at::empty_like(src, at::MemoryFormat::Contiguous);
-  cuda::dropout_apply(src, dst, *seed, dropout_p, /*accumulate=*/false);
+  cuda::dropout_apply(src, dst, seed, dropout_p, /*accumulate=*/false);
   return dst;
 }
 
@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   if (need_x) {
     dx = at::mm(dy, weight);
     if (dropout_p > 0.0 && seed.has_value() && seed->defined()) {
-      cuda::dropout_apply(at::mm(u, lora_a), dx, *seed, dropout_p, /*accumulate=*/true);
+      cuda::dropout_apply(at::mm(u, lora_a), dx, seed, dropout_p, /*accumulate=*/true);
     } else {
       dx.addmm_(u, lora_a);
     }

@@ -1,0 +1,55 @@
+// Autograd of ia3_linear_forward: saves x only (plus the parameters); no gradient for the frozen weight.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace peftops::ia3 {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class Ia3LinearFunction : public torch::autograd::Function<Ia3LinearFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& scale, bool feedforward) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("peftops::ia3_linear_forward", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                           const at::Tensor&, bool)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto out = op.call(x, weight, bias, scale, feedforward);
+    ctx->save_for_backward({x, weight, bias.value_or(at::Tensor()), scale});
+    ctx->saved_data["feedforward"] = feedforward;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("peftops::ia3_linear_backward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                             const at::Tensor&, bool, std::array<bool, 3>)>();
+    const auto saved = ctx->get_saved_variables();
+    const bool has_bias = saved[2].defined();
+    // Gradient edges are numbered over the tensors given: x, weight, [bias,] ia3_scale.
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_bias && ctx->needs_input_grad(2),
+                                      ctx->needs_input_grad(has_bias ? 3 : 2)};
+    auto [dx, db, dl] = op.call(grads[0].contiguous(), saved[0], saved[1],
+                                has_bias ? std::optional<at::Tensor>(saved[2]) : std::nullopt, saved[3],
+                                ctx->saved_data["feedforward"].toBool(), mask);
+    return {mask[0] ? dx : at::Tensor(), at::Tensor(), mask[1] ? db : at::Tensor(), mask[2] ? dl : at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor ia3_linear_forward_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, const at::Tensor& scale,
+                                       bool feedforward) {
+  return Ia3LinearFunction::apply(x, weight, bias, scale, feedforward);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peftops, Autograd, m) { m.impl("ia3_linear_forward", &ia3_linear_forward_autograd); }
+
+}  // namespace peftops::ia3

@@ -1,0 +1,62 @@
+// IA3 on CUDA: cuBLAS for the product, ATen's fused elementwise and reduction kernels for the scaling and the
+// vector gradients; the base output the output scaling's gradient needs is recomputed, never kept.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../ia3_linear.h"
+
+namespace peftops::ia3 {
+namespace {
+
+at::Tensor base_product(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return bias.has_value() && bias->defined() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+}
+
+at::Tensor ia3_linear_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& scale, bool feedforward) {
+  check_inputs(x, weight, bias, scale, feedforward);
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto x2 = x.reshape({-1, x.size(-1)});
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = weight.size(0);
+  auto y = feedforward ? base_product(at::mul(x2, scale), weight, bias) : base_product(x2, weight, bias).mul_(scale);
+  return y.view(out_shape);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ia3_linear_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& scale, bool feedforward, std::array<bool, 3> output_mask) {
+  const auto [need_x, need_bias, need_scale] = output_mask;
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto dy = grad_out.reshape({-1, grad_out.size(-1)}), x2 = x.reshape({-1, x.size(-1)});
+  const auto empty = [&] { return at::empty({0}, x.options()); };
+  at::Tensor dx = empty(), db = empty(), dl = empty();
+  if (feedforward) {
+    if (need_x || need_scale) {
+      const auto g = at::mm(dy, weight);
+      if (need_x) dx = at::mul(g, scale).view(x.sizes());
+      if (need_scale) dl = at::mul(g, x2).sum(0);
+    }
+    if (need_bias) db = dy.sum(0);
+  } else {
+    if (need_x) dx = at::mm(at::mul(dy, scale), weight).view(x.sizes());
+    if (need_scale) dl = at::mul(dy, base_product(x2, weight, bias)).sum(0);
+    if (need_bias) db = dy.sum(0).mul_(scale);
+  }
+  return {dx, db, dl};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peftops, CUDA, m) {
+  m.impl("ia3_linear_forward", &ia3_linear_forward_cuda);
+  m.impl("ia3_linear_backward", &ia3_linear_backward_cuda);
+}
+
+}  // namespace peftops::ia3

@@ -1,0 +1,10 @@
+#pragma once
+#include <ATen/core/Tensor.h>
+
+namespace peftops::ia3 {
+
+// ia3_scale is [out] (output scaling) or [in] (feedforward=True: input scaling), as a 1-D view.
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& scale, bool feedforward);
+
+}  // namespace peftops::ia3
