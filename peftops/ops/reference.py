@@ -72,3 +72,29 @@ def ia3_linear(x, weight, bias, ia3_scale, feedforward=False):
     if feedforward:
         return F.linear(x * l, weight.detach(), bias)
     return F.linear(x, weight.detach(), bias) * l
+
+
+def multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, adapter_index):
+    """Every token row i gets `scales[a] * x_i A_a^T B_a^T` added for its adapter a = adapter_index[i] (-1: none)."""
+    y = F.linear(x, weight.detach(), bias)
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    for a in range(lora_a.shape[0]):
+        rows = (adapter_index == a).unsqueeze(1)
+        delta = scales[a] * F.linear(F.linear(x2, lora_a[a]), lora_b[a])
+        y2 = y2 + torch.where(rows, delta, torch.zeros_like(delta))
+    return y2.reshape(y.shape)
+
+
+def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p=0.0, seed=None):
+    """peft's DoRA, literally (peft/tuners/lora/dora.py): the norm of W + s B A is detached; with dropout, the
+    base output of the dropped input is recomputed, as peft does."""
+    weight = weight.detach()
+    norm = torch.linalg.norm(weight + scale * (lora_b @ lora_a).detach(), dim=1).detach()
+    g = magnitude / norm
+    result = F.linear(x, weight, bias)
+    if dropout_p > 0.0 and seed is not None:
+        x = apply_dropout(x, dropout_p, seed)
+        base = F.linear(x, weight)
+    else:
+        base = result - bias if bias is not None else result
+    return result + (g - 1) * base + g * F.linear(F.linear(x, lora_a), lora_b) * scale

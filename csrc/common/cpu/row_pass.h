@@ -62,8 +62,10 @@ template <typename scalar_t>
 struct RowPass {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
-  int64_t N = 0, K = 0, rp = 0;  // rp: padded rank
-  Dropout drop;                  // the mask over [N, K], applied to X and to the expand
+  int64_t N = 0, K = 0, rp = 0;     // rp: padded rank
+  const int64_t* row_ids = nullptr;  // optional: the rows to visit (a segment); every [N, .] operand is indexed by
+                                    // these physical row numbers, so one call serves a segment of a larger batch
+  Dropout drop;                     // the mask over [N, K], applied to X and to the expand
   const scalar_t* x = nullptr;   // X [N, K], row stride ldx, unit column stride
   int64_t ldx = 0;
   const acc_t* m = nullptr;  // M [K, rp]  -> rowout = mask o X M        [N, rp]
@@ -87,7 +89,7 @@ struct RowPass {
       std::vector<acc_t> xt(x ? kTileRows * K : 0), keep(drop.active ? kTileRows * K : 0);
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t n0 = tile * kTileRows, rows = std::min(kTileRows, N - n0);
-        for (int64_t i = 0; i < rows && drop.active; ++i) row_keep(drop, n0 + i, K, keep.data() + i * K);
+        for (int64_t i = 0; i < rows && drop.active; ++i) row_keep(drop, row(n0 + i), K, keep.data() + i * K);
         const acc_t* kp = drop.active ? keep.data() : nullptr;
         if (x) load_tile(n0, rows, kp, xt.data());
         if (rowout) tile_rowout(n0, rows, xt.data());
@@ -105,12 +107,14 @@ struct RowPass {
     }
   }
 
+  int64_t row(int64_t n) const { return row_ids ? row_ids[n] : n; }
+
   // xt[i, :] = mask o X[n0 + i, :] in the accumulation type; rows past the end are zero.
   void load_tile(int64_t n0, int64_t rows, const acc_t* keep, acc_t* xt) const {
     std::fill(xt + rows * K, xt + kTileRows * K, acc_t(0));
     for (int64_t i = 0; i < rows; ++i) {
       acc_t* dst = xt + i * K;
-      at::vec::convert(x + (n0 + i) * ldx, dst, K);
+      at::vec::convert(x + row(n0 + i) * ldx, dst, K);
       if (keep) {
         for (int64_t k = 0; k < K; ++k) dst[k] *= keep[i * K + k];
       }
@@ -130,8 +134,8 @@ struct RowPass {
         }
       }
       for (int64_t i = 0; i < rows; ++i) {
-        acc[i][0].store(rowout + (n0 + i) * rp + c);
-        acc[i][1].store(rowout + (n0 + i) * rp + c + Vec::size());
+        acc[i][0].store(rowout + row(n0 + i) * rp + c);
+        acc[i][1].store(rowout + row(n0 + i) * rp + c + Vec::size());
       }
     }
   }
@@ -140,7 +144,7 @@ struct RowPass {
     for (int64_t c = 0; c < rp; c += chunk<acc_t>()) {
       Vec vr[kTileRows][2];
       for (int64_t i = 0; i < kTileRows; ++i) {
-        const int64_t n = n0 + std::min(i, rows - 1);  // rows past the end have xt = 0
+        const int64_t n = row(n0 + std::min(i, rows - 1));  // rows past the end have xt = 0
         vr[i][0] = Vec::loadu(v + n * rp + c);
         vr[i][1] = Vec::loadu(v + n * rp + c + Vec::size());
       }
@@ -174,7 +178,7 @@ struct RowPass {
         const acc_t* ej = e + j * K + c;
         const Vec e0 = Vec::loadu(ej, lo), e1 = hi > 0 ? Vec::loadu(ej + Vec::size(), hi) : Vec(acc_t(0));
         for (int64_t i = 0; i < kTileRows; ++i) {
-          const Vec vb(ev[(n0 + std::min(i, rows - 1)) * rp + j]);
+          const Vec vb(ev[row(n0 + std::min(i, rows - 1)) * rp + j]);
           acc[i][0] = at::vec::fmadd(vb, e0, acc[i][0]);
           acc[i][1] = at::vec::fmadd(vb, e1, acc[i][1]);
         }
@@ -189,7 +193,7 @@ struct RowPass {
         acc_t add[W];
         a0.store(add, lo);
         if (hi > 0) a1.store(add + Vec::size(), hi);
-        add_into(y + (n0 + i) * ldy + c, add, width);
+        add_into(y + row(n0 + i) * ldy + c, add, width);
       }
     }
   }
