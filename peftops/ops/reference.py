@@ -98,3 +98,12 @@ def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p=0.0
     else:
         base = result - bias if bias is not None else result
     return result + (g - 1) * base + g * F.linear(F.linear(x, lora_a), lora_b) * scale
+
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda a: F.gelu(a, approximate="tanh"), "silu": F.silu}
+
+
+def adapter_bottleneck(h, w_down, b_down, w_up, b_up, activation="relu", scale=1.0, residual=None):
+    """residual + scale * (act(h Wd^T + bd) Wu^T + bu), residual defaulting to h (AdapterHub's composition)."""
+    up = F.linear(ACTIVATIONS[activation](F.linear(h, w_down, b_down)), w_up, b_up)
+    return (h if residual is None else residual) + scale * up
