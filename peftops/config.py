@@ -11,8 +11,9 @@ def _positive_int(name, value):
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _module_names(name, value):
-    """None, a regex string (full match, as peft) or a non-empty list of module-name suffixes; returns it normalised."""
+def _module_names(name, value, allow_empty=False):
+    """None, a regex string (full match, as peft) or a non-empty list of module-name suffixes; returns it normalised.
+    `allow_empty`: an empty list is meaningful (IA3's feedforward_modules=[]: no layer scales its input)."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -25,7 +26,7 @@ def _module_names(name, value):
         return value
     if isinstance(value, (list, tuple, set, frozenset)):
         items = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-        if not items or not all(isinstance(v, str) and v for v in items):
+        if (not items and not allow_empty) or not all(isinstance(v, str) and v for v in items):
             raise ValueError(f"{name} must be a non-empty list of module names, got {value!r}")
         return items
     raise ValueError(f"{name} must be None, a regex string or a list of module names, got {type(value).__name__}")
@@ -102,7 +103,7 @@ class IA3Config:
 
     def __post_init__(self):
         self.target_modules = _module_names("target_modules", self.target_modules)
-        self.feedforward_modules = _module_names("feedforward_modules", self.feedforward_modules)
+        self.feedforward_modules = _module_names("feedforward_modules", self.feedforward_modules, allow_empty=True)
         # As peft: with explicit lists, feed-forward modules must be among the targets.
         if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
             extra = sorted(set(self.feedforward_modules) - set(self.target_modules))

@@ -1,21 +1,48 @@
-"""LoRA adapter files in peft's format: `adapter_config.json` (a peft LoraConfig) and `adapter_model.safetensors`
-with peft's keys (`base_model.model.<module>.lora_A.weight`, no adapter name). Files are data, never code."""
+"""LoRA and IA3 adapter files in peft's format: `adapter_config.json` (a peft LoraConfig / IA3Config) and
+`adapter_model.safetensors` with peft's keys, without the adapter name (`base_model.model.<module>.lora_A.weight`,
+`base_model.model.<module>.ia3_l`). One code path saves, checks and loads both; a `_Technique` says what differs
+(which tensors, which config fields must agree). Files are data, never code."""
 import json
 import os
 import pickle
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from ..config import IA3Config, LoraConfig
 from ..layers.lora import conv1d_class
 from ..patch import adapter, backend
-from ..patch.targets import default_lora_targets
+from ..patch.targets import default_lora_targets, is_feedforward
 
 CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 _PREFIX = "base_model.model."
 
 
-def adapter_tensors(model, state) -> dict:
-    """File key -> live parameter, for what an adapter file holds (biases as peft selects them for `bias`)."""
+@dataclass(frozen=True)
+class _Technique:
+    peft_type: str
+    tensors: Callable  # (model, state) -> {file key: live parameter}
+    config_fields: Callable  # (model, state) -> the technique's fields of adapter_config.json
+    expected: Callable  # (model, state) -> what `disagreements` compares the file against, in adapter mode
+    disagreements: Callable  # (saved adapter_config dict, expected) -> ["field: file x, model y"]
+    peft_expected: Callable  # (peft model, adapter name) -> what `disagreements` compares the file against
+
+
+def _fields_differ(saved: dict, expected: dict) -> list:
+    defaults = {"use_rslora": False, "use_dora": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {}}
+    return [f"{k}: file {saved.get(k, defaults.get(k))!r}, model {v!r}"
+            for k, v in expected.items() if saved.get(k, defaults.get(k)) != v]
+
+
+def _uses_conv1d(model, state) -> bool:
+    conv1d = conv1d_class()
+    return conv1d is not None and any(isinstance(model.get_submodule(n).base_layer, conv1d) for n in state.layer_names)
+
+
+# LoRA -------------------------------------------------------------------------------------------------------------
+def _lora_tensors(model, state) -> dict:
+    """Biases travel as peft selects them for `bias`."""
     out = {}
     for name in state.layer_names:
         layer = model.get_submodule(name)
@@ -31,18 +58,76 @@ def adapter_tensors(model, state) -> dict:
     return out
 
 
-def _peft_config_dict(model, state) -> dict:
+def _lora_fields(model, state) -> dict:
     cfg = state.config
     targets = cfg.target_modules if cfg.target_modules is not None else default_lora_targets(model)
-    conv1d = conv1d_class()
-    fan_in_fan_out = conv1d is not None and any(isinstance(model.get_submodule(n).base_layer, conv1d)
-                                                for n in state.layer_names)
-    return {"peft_type": "LORA", "task_type": None,
+    return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets,
+            "bias": cfg.bias, "use_rslora": cfg.use_rslora, "use_dora": False, "init_lora_weights": True,
+            "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None}
+
+
+def _lora_expected(model, state) -> dict:
+    """The config fields that change results, as the patched model has them."""
+    cfg = state.config
+    return {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.use_rslora, "bias": cfg.bias, "use_dora": False,
+            "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def _lora_peft_expected(model, name) -> dict:
+    cfg = model.peft_config[name]
+    return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora, "bias": cfg.bias,
+            "use_dora": cfg.use_dora}
+
+
+# IA3 --------------------------------------------------------------------------------------------------------------
+def _ia3_tensors(model, state) -> dict:
+    return {f"{_PREFIX}{name}.ia3_l": model.get_submodule(name).ia3_l for name in state.layer_names}
+
+
+def _ia3_fields(model, state) -> dict:
+    targets, feedforward = adapter.ia3_modules(model, state.config)
+    return {"target_modules": targets, "feedforward_modules": feedforward, "init_ia3_weights": True,
+            "exclude_modules": None}
+
+
+def _ia3_expected(model, state) -> dict:
+    """Which layers scale their input: square layers take vectors of the same shape either way, so the key set and
+    shapes alone cannot tell a feed-forward layer from an output-scaled one."""
+    return {name: model.get_submodule(name).feedforward for name in state.layer_names}
+
+
+def _ia3_peft_expected(model, adapter_name) -> dict:
+    from peft.tuners.ia3.layer import IA3Layer
+    base = model.base_model.model
+    return {n: m.is_feedforward for n, m in base.named_modules() if isinstance(m, IA3Layer) and adapter_name in m.ia3_l}
+
+
+def _ia3_disagreements(saved: dict, layers: dict) -> list:
+    feedforward = saved.get("feedforward_modules")
+    if feedforward is None:
+        return []
+    kind = {True: "feed-forward (input scaling)", False: "output scaling"}
+    return [f"{n}: file {kind[is_feedforward(feedforward, n)]}, model {kind[ff]}"
+            for n, ff in layers.items() if is_feedforward(feedforward, n) != ff]
+
+
+_TECHNIQUES = {
+    LoraConfig: _Technique("LORA", _lora_tensors, _lora_fields, _lora_expected, _fields_differ, _lora_peft_expected),
+    IA3Config: _Technique("IA3", _ia3_tensors, _ia3_fields, _ia3_expected, _ia3_disagreements, _ia3_peft_expected)}
+
+
+def adapter_tensors(model, state) -> dict:
+    """File key -> live parameter, for what an adapter file of this patched model holds."""
+    return _TECHNIQUES[type(state.config)].tensors(model, state)
+
+
+def _peft_config_dict(model, state) -> dict:
+    technique = _TECHNIQUES[type(state.config)]
+    return {"peft_type": technique.peft_type, "task_type": None,
             "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
-            "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets,
-            "bias": cfg.bias, "use_rslora": cfg.use_rslora, "use_dora": False, "fan_in_fan_out": fan_in_fan_out,
-            "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
-            "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None}
+            "fan_in_fan_out": _uses_conv1d(model, state), "inference_mode": True, "modules_to_save": None,
+            "revision": None,
+            **technique.config_fields(model, state)}
 
 
 def read_weights(path: str) -> dict:
@@ -63,23 +148,22 @@ def read_weights(path: str) -> dict:
     raise FileNotFoundError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {path}")
 
 
-def _check_config(path: str, expected: dict):
-    """Compare the fields of adapter_config.json that change results against the patched model's."""
+def _check_config(path: str, technique: _Technique, expected):
+    """Compare what adapter_config.json says against the patched model: the adapter type, then what changes results."""
     file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(file):
         return
     with open(file) as f:
         saved = json.load(f)
-    if saved.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{file} is a {saved.get('peft_type')} adapter, not LoRA")
-    defaults = {"use_rslora": False, "use_dora": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {}}
-    wrong = [f"{k}: file {saved.get(k, defaults.get(k))!r}, model {v!r}"
-             for k, v in expected.items() if saved.get(k, defaults.get(k)) != v]
+    if saved.get("peft_type", "LORA") != technique.peft_type:
+        raise ValueError(f"{file} is a {saved.get('peft_type')} adapter, but the model is patched with "
+                         f"{technique.peft_type}")
+    wrong = technique.disagreements(saved, expected)
     if wrong:
         raise ValueError(f"adapter in {path} does not fit the patched model's config: {wrong}")
 
 
-def _check_tensors(path: str, expected: dict, loaded: dict):
+def check_tensors(path: str, expected: dict, loaded: dict):
     missing = sorted(set(expected) - set(loaded))
     extra = sorted(set(loaded) - set(expected))
     shapes = [f"{k}: file {tuple(loaded[k].shape)}, model {tuple(expected[k].shape)}"
@@ -89,52 +173,45 @@ def _check_tensors(path: str, expected: dict, loaded: dict):
                          f"{extra}, wrong shapes {shapes}")
 
 
-def save_adapter(model, path: str):
-    """Write the adapter's trainable parameters in peft's format (backend mode: peft's own save_pretrained)."""
-    if backend.is_peft_model(model):
-        model.save_pretrained(path)
-        return
-    state = adapter.get_state(model)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} is not patched by peftops: there is no adapter to save")
-    if any(model.get_submodule(n).merged for n in state.layer_names):
-        raise ValueError("the adapter is merged into the base weights; save it before merging")
+def write_weights(path: str, tensors: dict):
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
-    tensors = {k: p.detach().contiguous().cpu() for k, p in adapter_tensors(model, state).items()}
-    save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
+    save_file({k: p.detach().contiguous().cpu() for k, p in tensors.items()}, os.path.join(path, SAFETENSORS_NAME),
+              metadata={"format": "pt"})
+
+
+def save_peft_format(model, state, path: str):
+    """Write an adapter-mode LoRA / IA3 model's adapter in peft's format."""
+    if any(model.get_submodule(n).merged for n in state.layer_names):
+        raise ValueError("the adapter is merged into the base weights; save it before merging")
+    write_weights(path, adapter_tensors(model, state))
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(_peft_config_dict(model, state), f, indent=2, sort_keys=True)
 
 
-def load_adapter(model, path: str):
-    """Load an adapter saved by peftops or peft onto a model patched with the same config. Everything is validated
-    before any parameter changes, so a mismatch leaves the model as it was."""
-    if backend.is_peft_model(model):
-        return _load_into_peft(model, path)
-    state = adapter.get_state(model)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} is not patched by peftops: patch it with the adapter's config first")
-    cfg = state.config
-    _check_config(path, {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.use_rslora, "bias": cfg.bias,
-                         "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}})
+def load_peft_format(model, state, path: str):
+    """Everything is validated before any parameter changes, so a mismatch leaves the model as it was."""
+    technique = _TECHNIQUES[type(state.config)]
+    _check_config(path, technique, technique.expected(model, state))
     expected = adapter_tensors(model, state)
     loaded = read_weights(path)
-    _check_tensors(path, expected, loaded)
+    check_tensors(path, expected, loaded)
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(loaded[key])
     return model
 
 
-def _load_into_peft(model, path: str):
+def load_into_peft(model, path: str):
     """Into the active adapter of a peft model, through peft's own state dict functions."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     name = model.active_adapter
-    cfg = model.peft_config[name]
-    _check_config(path, {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora, "bias": cfg.bias,
-                         "use_dora": cfg.use_dora})
+    kind = str(getattr(model.peft_config[name].peft_type, "value", model.peft_config[name].peft_type))
+    technique = next((t for t in _TECHNIQUES.values() if t.peft_type == kind), None)
+    if technique is None:
+        raise ValueError(f"peftops.load_adapter loads LoRA or IA3 adapters into peft models, not {kind}")
+    _check_config(path, technique, technique.peft_expected(model, name))
     loaded = read_weights(path)
-    _check_tensors(path, get_peft_model_state_dict(model, adapter_name=name), loaded)
+    check_tensors(path, get_peft_model_state_dict(model, adapter_name=name), loaded)
     set_peft_model_state_dict(model, loaded, adapter_name=name)
     return model

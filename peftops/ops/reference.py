@@ -107,3 +107,23 @@ def adapter_bottleneck(h, w_down, b_down, w_up, b_up, activation="relu", scale=1
     """residual + scale * (act(h Wd^T + bd) Wu^T + bu), residual defaulting to h (AdapterHub's composition)."""
     up = F.linear(ACTIVATIONS[activation](F.linear(h, w_down, b_down)), w_up, b_up)
     return (h if residual is None else residual) + scale * up
+
+
+def prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=None, is_causal=False, scale=None):
+    """Softmax attention over cat([prefix, k]) with the prefix expanded over the batch and the kv heads repeated for
+    grouped-query attention: what peftops.ops.prefix_attention computes without building any of it."""
+    B, Hq, L, _ = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if prefix_k.dim() == 3:
+        prefix_k, prefix_v = (t.unsqueeze(0).expand(B, *t.shape) for t in (prefix_k, prefix_v))
+    P = prefix_k.shape[2]
+    keys, values = torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2)
+    if Hq != Hkv:
+        keys, values = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (keys, values))
+    allowed = torch.ones(B, 1, L, S, dtype=torch.bool, device=q.device)
+    if attn_mask is not None:
+        allowed = allowed & attn_mask[:, None, None, :]
+    if is_causal:  # aligned to the end of the sequence: query l sees keys j <= l + S - L
+        allowed = allowed & torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)
+    allowed = torch.cat([torch.ones(B, 1, L, P, dtype=torch.bool, device=q.device), allowed], -1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)

@@ -2,33 +2,36 @@
 from torch import nn
 
 from ..config import AdapterConfig, BitFitConfig, IA3Config, LoraConfig, PrefixConfig
-from . import adapter, backend
+from . import adapter, backend, bitfit
 
 # Techniques whose configs exist but whose layers arrive with later issues: refused clearly, never faked.
-_LATER = {PrefixConfig: "prefix tuning arrives with issue 3", AdapterConfig: "bottleneck adapters arrive with issue 4",
-          BitFitConfig: "BitFit arrives with issue 5", IA3Config: "IA3 arrives with issue 5"}
+_LATER = {PrefixConfig: "prefix tuning arrives with issue 3", AdapterConfig: "bottleneck adapters arrive with issue 4"}
+_PATCHERS = {LoraConfig: adapter.patch_lora, IA3Config: adapter.patch_ia3, BitFitConfig: bitfit.patch_bitfit}
 
 
 def patch(model: nn.Module, config=None, *, adapter_name: str = "default") -> nn.Module:
     """Adapter mode with a config (peftops layers in place, base frozen); backend mode without one on a peft model
-    (peft's LoRA layers compute through peftops kernels). Returns the same object."""
+    (peft's LoRA or IA3 layers compute through peftops kernels). Returns the same object."""
     if config is None:
         return backend.patch_peft(model)
     if type(config) in _LATER:
         raise NotImplementedError(f"peftops.patch with {type(config).__name__}: {_LATER[type(config)]}")
-    if not isinstance(config, LoraConfig):
+    if type(config) not in _PATCHERS:
         raise TypeError(f"config must be a peftops config such as peftops.LoraConfig, got {type(config).__name__}")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
     if backend.is_peft_model(model):
         raise ValueError("model is a peft.PeftModel: call peftops.patch(model) without a config (backend mode)")
-    return adapter.patch_lora(model, config, adapter_name)
+    return _PATCHERS[type(config)](model, config, adapter_name)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Back to the original modules (or peft's forwards) and requires_grad flags."""
-    if adapter.get_state(model) is not None:
-        return adapter.unpatch_lora(model)
+    state = adapter.get_state(model)
+    if isinstance(state, bitfit.BitFitState):
+        return bitfit.unpatch_bitfit(model)
+    if state is not None:
+        return adapter.unpatch_layers(model)
     if backend.is_patched_peft(model):
         return backend.unpatch_peft(model)
     raise ValueError(f"{type(model).__name__} is not patched by peftops")
@@ -36,9 +39,13 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold the adapters into the base weights and remove their layers. Adapter mode returns the same model with
-    its original modules and requires_grad flags; on a peft model, returns peft's `merge_and_unload()`."""
-    if adapter.get_state(model) is not None:
-        return adapter.unpatch_lora(model, merge=True)
+    its original modules and requires_grad flags; on a peft model, returns peft's `merge_and_unload()`. BitFit has
+    nothing to fold (its trained biases are the model's own): merge unpatches it, keeping the biases."""
+    state = adapter.get_state(model)
+    if isinstance(state, bitfit.BitFitState):
+        return bitfit.unpatch_bitfit(model)
+    if state is not None:
+        return adapter.unpatch_layers(model, merge=True)
     if backend.is_peft_model(model):
         backend.unpatch_peft(model)
         return model.merge_and_unload()

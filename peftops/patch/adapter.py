@@ -1,11 +1,12 @@
-"""Adapter mode: peftops layers inserted in place of the targeted modules of a plain model."""
+"""Adapter mode: peftops layers (LoRA, IA3) inserted in place of the targeted modules of a plain model."""
 from dataclasses import dataclass
 
 from torch import nn
 
-from ..config import LoraConfig
+from ..config import IA3Config, LoraConfig
+from ..layers.ia3 import Ia3Linear
 from ..layers.lora import LoraLinear
-from .targets import default_lora_targets, find_lora_targets
+from .targets import default_ia3_modules, default_lora_targets, find_targets, is_feedforward
 
 STATE_ATTR = "_peftops_patch"
 
@@ -13,7 +14,7 @@ STATE_ATTR = "_peftops_patch"
 @dataclass
 class PatchState:
     """What unpatch needs: the replaced module names and every parameter's requires_grad before patching."""
-    config: LoraConfig
+    config: object  # LoraConfig | IA3Config
     adapter_name: str
     layer_names: list
     requires_grad: list  # [(parameter, flag)]
@@ -28,38 +29,65 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
+def check_unpatched(model: nn.Module):
+    """Refuse a model that peftops already patched or that holds peftops layers: patching again would stack."""
     state = get_state(model)
     if state is not None:
-        raise ValueError(f"model is already patched by peftops (adapter {state.adapter_name!r}); "
+        name = type(state.config).__name__.replace("Config", "")
+        raise ValueError(f"model is already patched by peftops ({name}, adapter {state.adapter_name!r}); "
                          "call peftops.unpatch(model) first")
-    present = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
-    if present:
-        raise ValueError(f"model already holds peftops LoRA layers at {present}; patching again would stack adapters")
-    explicit = config.target_modules is not None
-    targets = config.target_modules if explicit else default_lora_targets(model)
-    found = find_lora_targets(model, targets, explicit)  # validates everything before the model is touched
+    for kind, cls in (("LoRA", LoraLinear), ("IA3", Ia3Linear)):
+        present = [n for n, m in model.named_modules() if isinstance(m, cls)]
+        if present:
+            raise ValueError(f"model already holds peftops {kind} layers at {present}; patching again would stack "
+                             "adapters")
 
+
+def _insert(model: nn.Module, config, adapter_name: str, layers: dict) -> list:
+    """Freeze every parameter, put `layers` in place and record the state; returns the layers."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    layers = {name: LoraLinear(module, config.r, config.scaling, config.dropout) for name, module in found}
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
+    model.__dict__[STATE_ATTR] = PatchState(config, adapter_name, list(layers), flags)
+    return list(layers.values())
+
+
+def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
+    check_unpatched(model)
+    explicit = config.target_modules is not None
+    targets = config.target_modules if explicit else default_lora_targets(model)
+    found = find_targets(model, targets, explicit)  # validates everything before the model is touched
+    layers = _insert(model, config, adapter_name,
+                     {name: LoraLinear(module, config.r, config.scaling, config.dropout) for name, module in found})
     # Bias training as peft's: "all" trains every bias of the model, "lora_only" those of the adapted layers.
     if config.bias == "all":
         for n, p in model.named_parameters():
             if n == "bias" or n.endswith(".bias"):
                 p.requires_grad_(True)
     elif config.bias == "lora_only":
-        for layer in layers.values():
+        for layer in layers:
             if layer.base_layer.bias is not None:
                 layer.base_layer.bias.requires_grad_(True)
-    model.__dict__[STATE_ATTR] = PatchState(config, adapter_name, list(layers), flags)
     return model
 
 
-def unpatch_lora(model: nn.Module, merge: bool = False) -> nn.Module:
+def ia3_modules(model: nn.Module, config: IA3Config) -> tuple:
+    """(target_modules, feedforward_modules) as resolved for this model (peft's family defaults where None)."""
+    return default_ia3_modules(model, config.target_modules, config.feedforward_modules)
+
+
+def patch_ia3(model: nn.Module, config: IA3Config, adapter_name: str) -> nn.Module:
+    check_unpatched(model)
+    targets, feedforward = ia3_modules(model, config)
+    found = find_targets(model, targets, config.target_modules is not None, technique="IA3")
+    _insert(model, config, adapter_name,
+            {name: Ia3Linear(module, is_feedforward(feedforward, name)) for name, module in found})
+    return model
+
+
+def unpatch_layers(model: nn.Module, merge: bool = False) -> nn.Module:
     state = get_state(model)
     for name in state.layer_names:
         layer = model.get_submodule(name)

@@ -1,4 +1,5 @@
-"""Backend mode: every peft LoRA `Linear` layer of a PeftModel computes through peftops.ops.lora_linear.
+"""Backend mode: every peft LoRA `Linear` layer of a PeftModel computes through peftops.ops.lora_linear (IA3 layers
+through ops.ia3_linear, see backend_ia3.py).
 
 Only the layers' `forward` is replaced, per instance and reversibly; parameters, names, state dict keys and peft's
 API stay peft's. What the fused op does not cover runs peft's own forward, with one warning per reason."""
@@ -35,8 +36,15 @@ def _plain_base(base: nn.Module) -> bool:
     return not hooks and (kind is nn.Linear.forward or (conv1d is not None and kind is conv1d.forward))
 
 
-def _fallback_reason(module, x, args, kwargs, active):
-    """Why this call must run peft's forward, or None when the fused op computes exactly what peft would."""
+def warn_once(module, reason: str, kind: str = "LoRA"):
+    warned = module.__dict__[_WARNED]
+    if reason not in warned:
+        warned.add(reason)
+        warnings.warn(f"peftops: peft {kind} layers run peft's own forward for {reason}", stacklevel=3)
+
+
+def base_reason(module, x, args, kwargs):
+    """Why the base layer call cannot be fused (shared by LoRA and IA3), or None."""
     if kwargs.get("adapter_names") is not None:
         return "adapter_names= (mixed adapter batches, coming with issue 6)"
     if args or any(v is not None for v in kwargs.values()):
@@ -49,6 +57,15 @@ def _fallback_reason(module, x, args, kwargs, active):
         return f"base weight of type {type(weight).__name__}"
     if weight.requires_grad:
         return "a trainable base weight (the op never gives the base weight a gradient)"
+    return None
+
+
+def _fallback_reason(module, x, args, kwargs, active):
+    """Why this call must run peft's forward, or None when the fused op computes exactly what peft would."""
+    reason = base_reason(module, x, args, kwargs)
+    if reason is not None:
+        return reason
+    weight = module.base_layer.weight
     for name in active:
         if module.use_dora.get(name, False):
             return "DoRA (coming with issue 6)"
@@ -73,10 +90,7 @@ def _fused_forward(self, x, *args, **kwargs):
         return _peft_forward(self)(x, *args, **kwargs)
     reason = _fallback_reason(self, x, args, kwargs, active)
     if reason is not None:
-        warned = self.__dict__[_WARNED]
-        if reason not in warned:
-            warned.add(reason)
-            warnings.warn(f"peftops: peft LoRA layers run peft's own forward for {reason}", stacklevel=2)
+        warn_once(self, reason)
         return _peft_forward(self)(x, *args, **kwargs)
 
     def dropout_p(name):
@@ -99,18 +113,22 @@ def _fused_forward(self, x, *args, **kwargs):
 
 
 def patch_peft(model) -> nn.Module:
-    """Swap the forward of every peft LoRA `Linear` layer; idempotent (a second call patches only layers added since,
-    e.g. by `add_adapter` with new target modules)."""
+    """Swap the forward of every peft LoRA (or IA3) `Linear` layer; idempotent (a second call patches only layers
+    added since, e.g. by `add_adapter` with new target modules)."""
     if not is_peft_model(model):
-        raise ValueError(f"peftops.patch(model) without a config needs a peft.PeftModel adapted with LoRA, got "
-                         f"{type(model).__name__}; pass a peftops.LoraConfig to add peftops adapters to a plain model")
-    from peft.tuners.lora.layer import Linear, LoraLayer
-
+        raise ValueError(f"peftops.patch(model) without a config needs a peft.PeftModel adapted with LoRA or IA3, got "
+                         f"{type(model).__name__}; pass a peftops config to add peftops adapters to a plain model")
     kinds = sorted({str(getattr(c.peft_type, "value", c.peft_type)) for c in model.peft_config.values()})
-    if "IA3" in kinds:
-        raise NotImplementedError("peftops backend mode for peft IA3 models arrives with issue 5")
-    if kinds != ["LORA"]:
-        raise ValueError(f"peftops backend mode supports peft LoRA models, this one has adapter types {kinds}")
+    if kinds == ["LORA"]:
+        from peft.tuners.lora.layer import Linear, LoraLayer as Layer
+        fused, kind = _fused_forward, "LoRA"
+    elif kinds == ["IA3"]:
+        from peft.tuners.ia3.layer import IA3Layer as Layer, Linear
+
+        from .backend_ia3 import fused_forward as fused
+        kind = "IA3"
+    else:
+        raise ValueError(f"peftops backend mode supports peft LoRA or IA3 models, this one has adapter types {kinds}")
 
     warned = next((m.__dict__[_WARNED] for m in model.modules() if _WARNED in m.__dict__), set())
     uncovered = set()
@@ -119,12 +137,12 @@ def patch_peft(model) -> nn.Module:
             if _SAVED not in module.__dict__:
                 module.__dict__[_SAVED] = module.__dict__.get("forward")
                 module.__dict__[_WARNED] = warned
-                module.forward = types.MethodType(_fused_forward, module)
-        elif isinstance(module, LoraLayer):
+                module.forward = types.MethodType(fused, module)
+        elif isinstance(module, Layer):
             uncovered.add(type(module).__name__)
     if uncovered and "layer types" not in warned:
         warned.add("layer types")
-        warnings.warn(f"peftops: peft LoRA layers of type {sorted(uncovered)} keep peft's own forward", stacklevel=3)
+        warnings.warn(f"peftops: peft {kind} layers of type {sorted(uncovered)} keep peft's own forward", stacklevel=3)
     return model
 
 

@@ -7,6 +7,17 @@ from ..layers.lora import is_supported
 
 # Used only when peft is not installed; peft's own mapping covers many more families.
 _DEFAULT_LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
+_DEFAULT_IA3_TARGETS = {"llama": ["k_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"],
+                        "bert": ["key", "value", "output.dense"]}
+_DEFAULT_IA3_FEEDFORWARD = {"llama": ["down_proj"], "gpt2": ["mlp.c_proj"], "bert": ["output.dense"]}
+
+
+def _family_default(model: nn.Module, mapping: dict, field: str) -> list:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in mapping:
+        raise ValueError(f"{field}=None, but there is no default for model type {model_type!r} "
+                         f"({type(model).__name__}): name the modules in {field}")
+    return list(mapping[model_type])
 
 
 def default_lora_targets(model: nn.Module) -> list:
@@ -14,11 +25,28 @@ def default_lora_targets(model: nn.Module) -> list:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
     except ImportError:
         mapping = _DEFAULT_LORA_TARGETS
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in mapping:
-        raise ValueError(f"target_modules=None, but there is no default for model type {model_type!r} "
-                         f"({type(model).__name__}): name the modules to adapt in target_modules")
-    return list(mapping[model_type])
+    return _family_default(model, mapping, "target_modules")
+
+
+def default_ia3_modules(model: nn.Module, target_modules, feedforward_modules) -> tuple:
+    """(target_modules, feedforward_modules) with each None replaced by peft's default for the model family."""
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as ff_mapping
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as mapping
+    except ImportError:
+        mapping, ff_mapping = _DEFAULT_IA3_TARGETS, _DEFAULT_IA3_FEEDFORWARD
+    if target_modules is None:
+        target_modules = _family_default(model, mapping, "target_modules")
+    if feedforward_modules is None:
+        feedforward_modules = _family_default(model, ff_mapping, "feedforward_modules")
+    return target_modules, feedforward_modules
+
+
+def is_feedforward(feedforward_modules, name: str) -> bool:
+    """peft's IA3 rule, which differs from target matching: a list entry need only be a suffix of the name."""
+    if isinstance(feedforward_modules, str):
+        return re.fullmatch(feedforward_modules, name) is not None
+    return any(name.endswith(t) for t in feedforward_modules)
 
 
 def matches(targets, name: str) -> bool:
@@ -28,7 +56,7 @@ def matches(targets, name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def find_lora_targets(model: nn.Module, targets, explicit: bool) -> list:
+def find_targets(model: nn.Module, targets, explicit: bool, technique: str = "LoRA") -> list:
     """(name, module) for every module `targets` names; ValueError naming what matches nothing or is unsupported."""
     found = [(n, m) for n, m in model.named_modules() if n and matches(targets, n)]
     if not found:
@@ -39,9 +67,9 @@ def find_lora_targets(model: nn.Module, targets, explicit: bool) -> list:
             raise ValueError(f"target_modules {unmatched} match no module of {type(model).__name__}")
     unsupported = [f"{n} ({type(m).__name__})" for n, m in found if not is_supported(m)]
     if unsupported:
-        raise ValueError(f"target_modules {targets!r} name modules LoRA cannot adapt (it adapts nn.Linear and "
+        raise ValueError(f"target_modules {targets!r} name modules {technique} cannot adapt (it adapts nn.Linear and "
                          f"transformers' Conv1D): {unsupported}")
     non_float = [f"{n} ({m.weight.dtype})" for n, m in found if not m.weight.is_floating_point()]
     if non_float:
-        raise ValueError(f"LoRA needs floating-point base weights; these modules have none: {non_float}")
+        raise ValueError(f"{technique} needs floating-point base weights; these modules have none: {non_float}")
     return found

@@ -1,0 +1,241 @@
+// Attention over trainable prefix keys/values shared by every batch row, plus each row's own keys, without
+// building cat([prefix, k]) or a per-row copy of the prefix (KERNELS.md, "Prefix attention"):
+//   prefix segment: the batch is one GEMM-shaped problem per kv head, [B * G * L, D] x [D, P];
+//   sequence segment: tiled online-softmax attention (ATen's flash kernel on the CPU) returning its LSE;
+//   the two merged exactly by their log-sum-exp. Grouped-query attention reads each kv head once: the G query
+//   heads sharing it are G * L query rows against it (no K/V expansion).
+// Backward recomputes both segments' probabilities from the saved merged LSE (FlashAttention's formulas with
+// D = rowsum(dO o O)); the prefix gradients are reduced over the batch inside the same GEMMs.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/logaddexp.h>
+#include <ATen/ops/logsumexp.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sub.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+namespace peftops::prefix {
+namespace {
+
+using Tensor = at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk, const Tensor& pv,
+                  const OptTensor& attn_mask) {
+  TORCH_CHECK_VALUE(q.dim() == 4, "prefix_attention: q must be [B, Hq, L, D], got shape ", q.sizes());
+  const auto B = q.size(0), Hq = q.size(1), D = q.size(3);
+  TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == B && k.size(3) == D, "prefix_attention: k must be [", B,
+                    ", Hkv, S, ", D, "], got shape ", k.sizes());
+  const auto Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "prefix_attention: v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "prefix_attention: q's ", Hq, " heads must be a multiple of k's ", Hkv);
+  TORCH_CHECK_VALUE(D >= 1 && D <= 256, "prefix_attention: head dim D must be in [1, 256], got ", D);
+  TORCH_CHECK_VALUE((pk.dim() == 3 || (pk.dim() == 4 && pk.size(0) == B)) && pk.size(-3) == Hkv && pk.size(-1) == D &&
+                        pk.size(-2) >= 1,
+                    "prefix_attention: prefix_k must be [", Hkv, ", P, ", D, "] or [", B, ", ", Hkv, ", P, ", D,
+                    "] with P >= 1, got shape ", pk.sizes());
+  TORCH_CHECK_VALUE(pv.sizes() == pk.sizes(), "prefix_attention: prefix_v must have prefix_k's shape ", pk.sizes(),
+                    ", got ", pv.sizes());
+  if (has(attn_mask)) {
+    TORCH_CHECK_VALUE(attn_mask->dim() == 2 && attn_mask->size(0) == B && attn_mask->size(1) == S,
+                      "prefix_attention: attn_mask must be [", B, ", ", S, "] (True = attend), got shape ",
+                      attn_mask->sizes());
+    TORCH_CHECK_TYPE(attn_mask->scalar_type() == at::kBool, "prefix_attention: attn_mask must be bool, got ",
+                     attn_mask->scalar_type());
+    TORCH_CHECK_VALUE(attn_mask->device() == q.device(), "prefix_attention: attn_mask is on ", attn_mask->device(),
+                      " but q is on ", q.device());
+  }
+  const auto dt = q.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+                   "prefix_attention: q must be float32, bfloat16, float16 or float64, got ", dt);
+  const std::pair<const Tensor*, const char*> others[] = {{&k, "k"}, {&v, "v"}, {&pk, "prefix_k"}, {&pv, "prefix_v"}};
+  for (const auto& [t, name] : others) {
+    TORCH_CHECK_TYPE(t->scalar_type() == dt, "prefix_attention: ", name, " has dtype ", t->scalar_type(), " but q has ", dt);
+    TORCH_CHECK_VALUE(t->device() == q.device(), "prefix_attention: ", name, " is on ", t->device(), " but q is on ",
+                      q.device());
+  }
+}
+
+struct Shapes {
+  int64_t B, Hq, Hkv, G, L, S, P, D;
+  double scale;
+};
+
+Shapes shapes(const Tensor& q, const Tensor& k, const Tensor& pk, std::optional<double> scale) {
+  Shapes s{q.size(0), q.size(1), k.size(1), q.size(1) / k.size(1), q.size(2), k.size(2), pk.size(-2), q.size(3), 0.0};
+  s.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(s.D));
+  return s;
+}
+
+// The sequence segment's visibility [B, 1, G * L, S]: padding (True = attend), and causality aligned to the end
+// of the sequence (query l sees keys j <= l + S - L). Undefined when everything is visible.
+Tensor visible_keys(const Shapes& s, const OptTensor& attn_mask, bool is_causal, const Tensor& like) {
+  if (!has(attn_mask) && !is_causal) return Tensor();
+  auto allowed = at::full({s.B, 1, s.L, s.S}, true, like.options().dtype(at::kBool));
+  if (has(attn_mask)) allowed = allowed.logical_and(attn_mask->view({s.B, 1, 1, s.S}));
+  if (is_causal) {
+    const auto opts = like.options().dtype(at::kLong);
+    const auto rows = at::arange(s.L, opts).view({s.L, 1}), cols = at::arange(s.S, opts).view({1, s.S});
+    allowed = allowed.logical_and(cols.le(rows.add(s.S - s.L)));
+  }
+  // the G query heads of a kv head are G blocks of L query rows
+  return allowed.unsqueeze(2).expand({s.B, 1, s.G, s.L, s.S}).reshape({s.B, 1, s.G * s.L, s.S});
+}
+
+// q as [B, Hkv, G * L, D]: a view (heads sharing a kv head are adjacent).
+Tensor grouped(const Tensor& q, const Shapes& s) { return q.reshape({s.B, s.Hkv, s.G * s.L, s.D}); }
+
+// a [B, Hkv, GL, X] times a per-kv-head matrix w -> [B, Hkv, GL, Y]. A shared prefix ([Hkv, X, Y]): the batch is
+// one [B * GL, X] x [X, Y] GEMM per kv head (a laid out head-major for it, w read as it is); a per-row prefix
+// ([B, Hkv, X, Y]): a batched GEMM.
+Tensor head_gemm(const Tensor& a, const Tensor& w, const Shapes& s) {
+  if (w.dim() == 4) return at::matmul(a, w);
+  const auto heads = a.transpose(0, 1).reshape({s.Hkv, s.B * s.G * s.L, a.size(-1)});
+  return at::bmm(heads, w).view({s.Hkv, s.B, s.G * s.L, w.size(-1)}).transpose(0, 1);
+}
+
+// sum over the batch and the query rows of a^T b, per kv head: [Hkv, X, Y] (or [B, Hkv, X, Y] for a per-row prefix).
+Tensor head_reduce(const Tensor& a, const Tensor& b, const Shapes& s, bool per_row) {
+  if (per_row) return at::matmul(a.transpose(-1, -2), b);
+  const auto heads = [&](const Tensor& t) { return t.transpose(0, 1).reshape({s.Hkv, s.B * s.G * s.L, t.size(-1)}); };
+  return at::bmm(heads(a).transpose(1, 2), heads(b));
+}
+
+// Sequence segment: (o [B, Hkv, GL, D], lse [B, Hkv, GL] float, -inf where no key is visible).
+std::tuple<Tensor, Tensor> sequence_attention(const Tensor& qg, const Tensor& k, const Tensor& v, const Tensor& visible,
+                                              const Shapes& s) {
+  const auto acc = qg.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto bias = visible.defined() ? at::zeros(visible.sizes(), qg.options()).masked_fill_(visible.logical_not(), -kInf)
+                                      : Tensor();
+  Tensor o, lse;
+  if (qg.is_cpu() && s.S > 0) {
+    std::tie(o, lse) = at::_scaled_dot_product_flash_attention_for_cpu(qg, k, v, 0.0, false,
+                                                                       bias.defined() ? OptTensor(bias) : std::nullopt,
+                                                                       s.scale);
+  } else {  // CUDA: the same math with the [GL, S] scores as a transient matrix
+    auto z = at::matmul(qg.to(acc), k.to(acc).transpose(-1, -2)).mul_(s.scale);
+    if (bias.defined()) z.add_(bias.to(acc));
+    lse = at::logsumexp(z, {-1});
+    o = at::matmul(at::exp(z.sub_(lse.unsqueeze(-1))).nan_to_num_(0.0), v.to(acc)).to(qg.scalar_type());
+  }
+  lse = lse.to(acc);
+  if (visible.defined()) lse.masked_fill_(visible.any(-1).logical_not(), -kInf);
+  return {o, lse};
+}
+
+std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                    const Tensor& pk, const Tensor& pv, const OptTensor& attn_mask,
+                                                    bool is_causal, std::optional<double> scale) {
+  check_inputs(q, k, v, pk, pv, attn_mask);
+  const auto s = shapes(q, k, pk, scale);
+  const auto qg = grouped(q.contiguous(), s);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // prefix segment: every key visible
+  const auto z = head_gemm(qg.to(acc), pk.to(acc).transpose(-1, -2), s).mul_(s.scale);
+  const auto lse_p = at::logsumexp(z, {-1});
+  const auto o_p = head_gemm(at::exp(z.sub(lse_p.unsqueeze(-1))), pv.to(acc), s);
+  const auto [o_s, lse_s] = sequence_attention(qg, k.contiguous(), v.contiguous(), visible_keys(s, attn_mask, is_causal, q), s);
+  // merge by log-sum-exp; a segment with no visible key has lse = -inf and weight 0
+  const auto lse = at::logaddexp(lse_p, lse_s);
+  const auto w_s = at::exp(lse_s.sub(lse)).unsqueeze(-1);
+  const auto o = at::exp(lse_p.sub(lse)).unsqueeze(-1).mul(o_p).add_(w_s.mul(o_s.to(acc)));
+  return {o.to(q.scalar_type()).contiguous().view(q.sizes()), lse.contiguous().view({s.B, s.Hq, s.L})};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk, const Tensor& pv,
+    const Tensor& out, const Tensor& lse, const OptTensor& attn_mask, bool is_causal, std::optional<double> scale) {
+  const auto s = shapes(q, k, pk, scale);
+  const auto acc = lse.scalar_type();
+  const auto qg = grouped(q.contiguous(), s), dog = grouped(grad_out.contiguous(), s), og = grouped(out.contiguous(), s);
+  const auto lse_g = lse.view({s.B, s.Hkv, s.G * s.L});
+  // D = rowsum(dO o O); every probability recomputed as exp(z - lse) with the merged lse
+  const auto delta = at::mul(dog.to(acc), og.to(acc)).sum(-1, true);
+  // prefix segment: dz = p o (dO V_P^T - D) (scaled), its gradients reduced over the batch inside the GEMMs
+  const bool per_row = pk.dim() == 4;
+  const auto pk_acc = pk.to(acc), pv_acc = pv.to(acc), dog_acc = dog.to(acc), qg_acc = qg.to(acc);
+  const auto p = at::exp(head_gemm(qg_acc, pk_acc.transpose(-1, -2), s).mul_(s.scale).sub_(lse_g.unsqueeze(-1)));
+  const auto dz = p.mul(head_gemm(dog_acc, pv_acc.transpose(-1, -2), s).sub_(delta)).mul_(s.scale);
+  const auto dpv = head_reduce(p, dog_acc, s, per_row), dpk = head_reduce(dz, qg_acc, s, per_row);
+  auto dq = head_gemm(dz, pk_acc, s).contiguous();  // [B, Hkv, GL, D]
+  // sequence segment
+  const auto visible = visible_keys(s, attn_mask, is_causal, q);
+  Tensor dk, dv;
+  if (s.S == 0) {
+    dk = at::zeros(k.sizes(), k.options()), dv = at::zeros(v.sizes(), v.options());
+  } else if (q.is_cpu()) {
+    const auto bias = visible.defined() ? at::zeros(visible.sizes(), q.options()).masked_fill_(visible.logical_not(), -kInf)
+                                        : Tensor();
+    // ATen's flash backward with the merged output and LSE: exactly the sequence keys' share of the gradients
+    // (a row whose sequence keys are all masked gets lse from the prefix alone, so its probabilities are 0).
+    auto [dq_s, dk_s, dv_s] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+        dog, qg, k.contiguous(), v.contiguous(), og, lse_g, 0.0, false,
+        bias.defined() ? OptTensor(bias) : std::nullopt, s.scale);
+    dq.add_(dq_s.to(acc));
+    dk = dk_s, dv = dv_s;
+  } else {
+    auto zs = at::matmul(qg.to(acc), k.to(acc).transpose(-1, -2)).mul_(s.scale);
+    if (visible.defined()) zs.masked_fill_(visible.logical_not(), -kInf);
+    const auto ps = at::exp(zs.sub_(lse_g.unsqueeze(-1)));
+    dv = at::matmul(ps.transpose(-1, -2), dog.to(acc));
+    const auto dzs = ps.mul(at::matmul(dog.to(acc), v.to(acc).transpose(-1, -2)).sub_(delta)).mul_(s.scale);
+    dq.add_(at::matmul(dzs, k.to(acc)));
+    dk = at::matmul(dzs.transpose(-1, -2), qg.to(acc));
+  }
+  const auto dt = q.scalar_type();
+  return {dq.to(dt).view(q.sizes()), dk.to(dt).contiguous(), dv.to(dt).contiguous(), dpk.to(dt).contiguous(),
+          dpv.to(dt).contiguous()};
+}
+
+Tensor prefix_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk, const Tensor& pv,
+                        const OptTensor& attn_mask, bool is_causal, std::optional<double> scale) {
+  check_inputs(q, k, v, pk, pv, attn_mask);
+  static auto forward = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("peftops::prefix_attention_forward", "")
+                            .typed<decltype(prefix_attention_forward)>();
+  return std::get<0>(forward.call(q, k, v, pk, pv, attn_mask, is_causal, scale));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(peftops, m) {
+  m.def("prefix_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, *, Tensor? attn_mask=None, "
+        "bool is_causal=False, float? scale=None) -> Tensor");
+  // out, and the merged log-sum-exp [B, Hq, L] (float32; float64 for float64 inputs) saved for backward.
+  m.def("prefix_attention_forward(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? attn_mask, "
+        "bool is_causal, float? scale) -> (Tensor out, Tensor lse)");
+  m.def("prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
+        "Tensor out, Tensor lse, Tensor? attn_mask, bool is_causal, float? scale) -> "
+        "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_prefix_k, Tensor grad_prefix_v)");
+}
+
+TORCH_LIBRARY_IMPL(peftops, CompositeImplicitAutograd, m) { m.impl("prefix_attention", &prefix_attention); }
+
+TORCH_LIBRARY_IMPL(peftops, CPU, m) {
+  m.impl("prefix_attention_forward", &prefix_attention_forward);
+  m.impl("prefix_attention_backward", &prefix_attention_backward);
+}
+
+TORCH_LIBRARY_IMPL(peftops, CUDA, m) {
+  m.impl("prefix_attention_forward", &prefix_attention_forward);
+  m.impl("prefix_attention_backward", &prefix_attention_backward);
+}
+
+}  // namespace peftops::prefix

@@ -1,0 +1,51 @@
+"""Ia3Linear: IA3's learned scaling over nn.Linear or transformers' GPT-2 Conv1D, computed by the fused op."""
+import torch
+from torch import nn
+
+from .. import ops
+from .lora import base_weight, is_supported
+
+
+class Ia3Linear(nn.Module):
+    """`base(x) * l` (output scaling), or with `feedforward=True`, `base(x * l)` (input scaling), as peft's IA3.
+
+    `ia3_l` is shaped as peft's ([out, 1], or [1, in] for feed-forward layers) and initialised to ones, so state dict
+    keys and tensors map one to one onto peft's (`<name>.ia3_l` here, `<name>.ia3_l.<adapter>` in peft)."""
+
+    def __init__(self, base_layer: nn.Module, feedforward: bool = False):
+        super().__init__()
+        if not is_supported(base_layer):
+            raise ValueError(f"Ia3Linear wraps nn.Linear or transformers' Conv1D, not {type(base_layer).__name__}")
+        weight = base_layer.weight
+        if not weight.is_floating_point():
+            raise ValueError(f"Ia3Linear needs a floating-point base weight, got {weight.dtype}")
+        out_features, in_features = base_weight(base_layer).shape
+        self.base_layer = base_layer
+        self.feedforward = bool(feedforward)
+        self.merged = False
+        shape = (1, in_features) if self.feedforward else (out_features, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, dtype=weight.dtype, device=weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        return ops.ia3_linear(x, base_weight(self.base_layer), self.base_layer.bias, self.ia3_l,
+                              feedforward=self.feedforward)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """Fold `l` into the base weight as peft's merge does (rows for output scaling, columns for input scaling;
+        the bias is scaled too for output scaling); from then on this layer computes the base alone. Returns the base
+        layer, which can replace this one."""
+        if not self.merged:
+            base = self.base_layer
+            # base_weight is [out, in] (a view of Conv1D's [in, out]): [out, 1] scales rows, [1, in] columns.
+            w = base_weight(base)
+            w.copy_((w * self.ia3_l).to(w.dtype))
+            if not self.feedforward and base.bias is not None:
+                base.bias.copy_((base.bias * self.ia3_l.reshape(base.bias.shape)).to(base.bias.dtype))
+            self.merged = True
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return ("feedforward" if self.feedforward else "output scaling") + (", merged" if self.merged else "")

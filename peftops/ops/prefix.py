@@ -1,0 +1,29 @@
+"""Shared-prefix attention (prefix tuning): the public functional entry point and the fake kernels."""
+import torch
+
+from .. import _extension
+from . import reference
+
+
+def prefix_attention(q, k, v, prefix_k, prefix_v, *, attn_mask=None, is_causal=False, scale=None):
+    """Softmax attention over `cat([prefix, k])`, computed without that concatenation or a per-row prefix copy.
+
+    `q [B, Hq, L, D]`, `k, v [B, Hkv, S, D]` (Hq a multiple of Hkv), `prefix_k, prefix_v [Hkv, P, D]` shared by every
+    row (or `[B, Hkv, P, D]`), `attn_mask [B, S]` bool over the sequence keys (True = attend). Prefix keys are always
+    visible; `is_causal` applies within the sequence part, aligned to its end."""
+    if _extension.use_kernels(q.device):
+        return torch.ops.peftops.prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=attn_mask,
+                                                  is_causal=is_causal, scale=scale)
+    return reference.prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask, is_causal, scale)
+
+
+if _extension.LOADED:
+
+    @torch.library.register_fake("peftops::prefix_attention_forward")
+    def _forward_fake(q, k, v, prefix_k, prefix_v, attn_mask, is_causal, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64
+                                                 else torch.float32)
+
+    @torch.library.register_fake("peftops::prefix_attention_backward")
+    def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, out, lse, attn_mask, is_causal, scale):
+        return tuple(t.new_empty(t.shape) for t in (q, k, v, prefix_k, prefix_v))

@@ -1,0 +1,40 @@
+"""Backend mode for peft IA3: a peft `ia3.Linear` layer's forward computed by peftops.ops.ia3_linear.
+
+Follows peft's `Linear.forward`: disabled or merged adapters run the base alone (peft's code, which also unmerges);
+several active adapters multiply their vectors; peft casts the input to the vector's dtype and back, which the
+fused op cannot, so mixed dtypes run peft's forward (with one warning)."""
+
+from .. import ops
+from ..layers.lora import base_weight
+from .backend import _peft_forward, base_reason, warn_once
+
+
+def _fallback_reason(module, x, args, kwargs, active):
+    reason = base_reason(module, x, args, kwargs)
+    if reason is not None:
+        return reason
+    base = module.base_layer
+    dtypes = {x.dtype, base.weight.dtype} | {module.ia3_l[n].dtype for n in active}
+    if base.bias is not None:
+        dtypes.add(base.bias.dtype)
+    if len(dtypes) != 1 or not x.is_floating_point():
+        return "an input, base weight and IA3 vectors of different dtypes"
+    return None
+
+
+def fused_forward(self, x, *args, **kwargs):
+    active = [name for name in self.active_adapters if name in self.ia3_l]
+    if self.disable_adapters or self.merged or not active:
+        return _peft_forward(self)(x, *args, **kwargs)
+    reason = _fallback_reason(self, x, args, kwargs, active)
+    if reason is not None:
+        warn_once(self, reason, "IA3")
+        return _peft_forward(self)(x, *args, **kwargs)
+    # One adapter: its [out, 1] / [1, in] vector goes in as is; several multiply, in peft's order.
+    scale = self.ia3_l[active[0]]
+    if len(active) > 1:
+        scale = scale.flatten()
+        for name in active[1:]:
+            scale = scale * self.ia3_l[name].flatten()
+    base = self.base_layer
+    return ops.ia3_linear(x, base_weight(base), base.bias, scale, feedforward=self.is_feedforward)

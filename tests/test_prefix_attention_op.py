@@ -1,0 +1,129 @@
+"""prefix_attention against SDPA over the explicitly concatenated, batch-expanded prefix: output and all five
+gradients, random sizes, left/right padding, causal and not, GQA, P = 1, L = 1 (decoding), bf16 loosely."""
+import pytest
+import torch
+
+import peftops
+from peftops.ops import reference as ref
+from op_helpers import SavedTensors, assert_close
+
+DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
+CASES = [  # B, Hq, Hkv, L, S, P, D
+    (2, 4, 2, 5, 7, 3, 16), (3, 2, 2, 1, 9, 1, 8), (2, 6, 3, 8, 8, 20, 32), (1, 4, 1, 13, 17, 5, 64),
+    (4, 2, 2, 3, 3, 128, 8),
+]
+
+
+def padding(kind, B, S, gen):
+    if kind is None:
+        return None
+    lengths = torch.randint(1, S + 1, (B,), generator=gen)
+    pos = torch.arange(S)
+    keep = pos[None, :] < lengths[:, None]  # right padding
+    return keep.flip(1) if kind == "left" else keep
+
+
+def operands(device, dtype, case, per_row=False, gen=None):
+    B, Hq, Hkv, L, S, P, D = case
+    r = lambda *s: torch.randn(*s, generator=gen).to(device, dtype).requires_grad_()  # noqa: E731
+    prefix_shape = (B, Hkv, P, D) if per_row else (Hkv, P, D)
+    return r(B, Hq, L, D), r(B, Hkv, S, D), r(B, Hkv, S, D), r(*prefix_shape), r(*prefix_shape)
+
+
+def compare(args, dtype, mask, causal, scale=None):
+    y = peftops.ops.prefix_attention(*args, attn_mask=mask, is_causal=causal, scale=scale)
+    dbl = [t.detach().double().requires_grad_() for t in args]
+    y_ref = ref.prefix_attention(*dbl, mask, causal, scale)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert_close(y, y_ref, dtype, "out")
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, args, g)
+    grads_ref = torch.autograd.grad(y_ref, dbl, g.double())
+    for name, a, b in zip(["q", "k", "v", "prefix_k", "prefix_v"], grads, grads_ref):
+        assert a.shape == b.shape
+        assert_close(a, b, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("pad", [None, "left", "right"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_sdpa_over_the_concatenation(device, case, pad, causal):
+    for dtype in DTYPES[device]:
+        gen = torch.Generator().manual_seed(sum(case) + hash((pad, causal)) % 1000)
+        args = operands(device, dtype, case, gen=gen)
+        mask = padding(pad, case[0], case[4], gen)
+        compare(args, dtype, None if mask is None else mask.to(device), causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_per_row_prefix_and_custom_scale(device, causal):
+    gen = torch.Generator().manual_seed(7)
+    case = (3, 4, 2, 6, 5, 4, 16)
+    args = operands(device, torch.float32, case, per_row=True, gen=gen)
+    compare(args, torch.float32, padding("left", 3, 5, gen).to(device), causal, scale=0.3)
+
+
+def test_rows_with_no_visible_sequence_key(device):
+    # left padding and causal: the first queries of a short row see only the prefix
+    gen = torch.Generator().manual_seed(3)
+    args = operands(device, torch.float32, (2, 2, 2, 6, 6, 2, 8), gen=gen)
+    mask = torch.tensor([[False] * 4 + [True] * 2, [True] * 6], device=device)
+    compare(args, torch.float32, mask, causal=True)
+    # and a row whose sequence keys are all masked
+    mask = torch.tensor([[False] * 6, [True] * 6], device=device)
+    compare(args, torch.float32, mask, causal=False)
+
+
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(1)
+    args = operands("cpu", torch.float64, (2, 4, 2, 3, 4, 2, 4), gen=gen)
+    mask = torch.tensor([[True, True, True, False], [False, True, True, True]])
+    assert torch.autograd.gradcheck(
+        lambda *a: peftops.ops.prefix_attention(*a, attn_mask=mask, is_causal=True), args)
+
+
+def test_no_batch_fold_prefix_copy_in_saved_tensors():
+    """Saved for backward: q, k, v and the prefix themselves, the output and the LSE; nothing of size B * P."""
+    saved = {}
+    for B in (2, 8):
+        args = operands("cpu", torch.float32, (B, 2, 2, 16, 16, 64, 8))
+        with SavedTensors() as s:
+            peftops.ops.prefix_attention(*args, is_causal=True)
+        q, k, v, pk, pv = args
+        expected = sum(t.untyped_storage().nbytes() for t in args) + q.numel() * 4 + B * 2 * 16 * 4  # + out + lse
+        assert s.nbytes == expected
+        saved[B] = s.nbytes - 2 * pk.untyped_storage().nbytes()
+    assert saved[8] == 4 * saved[2]  # everything but the prefix scales with B; the prefix is saved once
+
+
+def test_opcheck_and_compile(device):
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, pk, pv = operands(device, torch.float32, (2, 4, 2, 3, 5, 2, 8), gen=gen)
+    mask = torch.tensor([[True] * 5, [False, True, True, True, True]], device=device)
+    torch.library.opcheck(torch.ops.peftops.prefix_attention_forward.default, (q, k, v, pk, pv, mask, True, None))
+    torch.library.opcheck(torch.ops.peftops.prefix_attention_forward.default, (q, k, v, pk, pv, None, False, 0.5))
+    torch._dynamo.reset()
+    f = lambda q, pk: peftops.ops.prefix_attention(q, k, v, pk, pv, attn_mask=mask, is_causal=True).square().sum()  # noqa: E731
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for a, b in zip(torch.autograd.grad(f(q, pk), (q, pk)), torch.autograd.grad(compiled(q, pk), (q, pk))):
+        assert_close(b, a, torch.float32, "compiled grad")
+
+
+@pytest.mark.parametrize("change,match,exc", [
+    (dict(q=torch.randn(2, 3, 4, 8)), "multiple of k's 2", ValueError),
+    (dict(q=torch.randn(2, 4, 8)), "q must be", ValueError),
+    (dict(k=torch.randn(2, 2, 5, 4), v=torch.randn(2, 2, 5, 4)), "k must be", ValueError),
+    (dict(v=torch.randn(2, 2, 6, 8)), "v must have k's shape", ValueError),
+    (dict(prefix_k=torch.randn(3, 2, 8), prefix_v=torch.randn(3, 2, 8)), "prefix_k must be", ValueError),
+    (dict(prefix_v=torch.randn(2, 3, 8)), "prefix_v must have", ValueError),
+    (dict(attn_mask=torch.ones(2, 4, dtype=torch.bool)), "attn_mask must be", ValueError),
+    (dict(attn_mask=torch.ones(2, 5)), "attn_mask must be bool", TypeError),
+    (dict(prefix_v=torch.randn(2, 2, 8, dtype=torch.float64)), "prefix_v has dtype", TypeError),
+])
+def test_bad_input_names_the_argument(change, match, exc):
+    args = dict(q=torch.randn(2, 4, 3, 8), k=torch.randn(2, 2, 5, 8), v=torch.randn(2, 2, 5, 8),
+                prefix_k=torch.randn(2, 2, 8), prefix_v=torch.randn(2, 2, 8), attn_mask=None)
+    args.update(change)
+    mask = args.pop("attn_mask")
+    with pytest.raises(exc, match=match):
+        peftops.ops.prefix_attention(*args.values(), attn_mask=mask)
