@@ -16,11 +16,12 @@ def test_philox_known_answers():
     assert [int(v[0]) for v in w] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
 
 
-@pytest.mark.parametrize("shape,p,seed", [((7, 13), 0.1, 0), ((3, 5, 11), 0.5, 2**62 + 12345), ((1,), 0.9, 7),
-                                          ((257, 33), 0.25, 99)])
-def test_kernel_mask_matches_python_philox(shape, p, seed):
-    got = torch.ops.peftops.dropout_keep_mask(list(shape), p, torch.tensor(seed))
-    assert torch.equal(got, ref.dropout_keep_mask(shape, p, seed))
+@pytest.mark.parametrize("shape,p,seed,offset", [((7, 13), 0.1, 0, 0), ((3, 5, 11), 0.5, 2**62 + 12345, 0),
+                                                 ((1,), 0.9, 7, 0), ((257, 33), 0.25, 99, 0), ((9, 301), 0.3, 5, 2**40 + 3)])
+def test_kernel_mask_matches_python_philox(shape, p, seed, offset):
+    # rows long enough for the vectorised generator (8 Philox blocks at a time) and its scalar tail
+    got = torch.ops.peftops.dropout_keep_mask(list(shape), p, torch.tensor(seed), offset)
+    assert torch.equal(got, ref.dropout_keep_mask(shape, p, seed, offset))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])

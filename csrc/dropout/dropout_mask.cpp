@@ -19,10 +19,17 @@ static at::Tensor dropout_keep_mask_cpu(c10::IntArrayRef size, double p, const a
   d.seed = static_cast<uint64_t>(seed.item<int64_t>());
   d.offset = static_cast<uint64_t>(offset);
   d.threshold = dropout_threshold(p);
+  d.keep_scale = 1.0 / (1.0 - p);
   auto mask = at::empty(size, seed.options().dtype(at::kBool));
+  // rows of the last dimension through the kernels' own (vectorised) mask generator
+  const int64_t K = mask.dim() ? mask.size(-1) : 1, N = K ? mask.numel() / K : 0;
   bool* out = mask.data_ptr<bool>();
-  at::parallel_for(0, mask.numel(), 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) out[i] = d.keep(static_cast<uint64_t>(i));
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t begin, int64_t end) {
+    std::vector<float> keep(K);
+    for (int64_t n = begin; n < end; ++n) {
+      cpu::row_keep(d, n, K, keep.data());
+      for (int64_t k = 0; k < K; ++k) out[n * K + k] = keep[k] != 0.0f;
+    }
   });
   return mask;
 }
