@@ -1,0 +1,88 @@
+"""torch.compile(fullgraph=True) on every decoder block of a patched tiny Llama (no graph breaks from our ops,
+same loss and LoRA gradients as eager), and activation checkpointing: with dropout on, the recomputed forward
+draws the same dropout seeds as the first (torch.utils.checkpoint restores the generator state), so gradients
+equal those without checkpointing."""
+import pytest
+import torch
+
+from lora_training import batches, lm_loss, patched_llama
+
+
+def _loss_and_grads(model, ids, seed=5):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = lm_loss(model, ids)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _block_inputs(model, ids):
+    """(args, kwargs) each decoder block receives in the model's forward."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)), with_kwargs=True)
+             for b in model.model.layers]
+    with torch.no_grad():
+        lm_loss(model, ids)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_blocks_have_no_graph_breaks():
+    torch._dynamo.reset()
+    model = patched_llama(0.1)
+    ids = batches()[0]
+    for i, (block, (args, kwargs)) in enumerate(zip(model.model.layers, _block_inputs(model, ids))):
+        explanation = torch._dynamo.explain(block)(*args, **kwargs)
+        assert explanation.graph_break_count == 0, (i, explanation.break_reasons)
+        assert explanation.graph_count == 1, i
+        # Our op is in the captured graph (not run outside it, which a silent fallback would do).
+        ops = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
+        assert sum("peftops" in op or "lora_linear" in op for op in ops) == 7, (i, ops)
+
+
+def test_compiled_blocks_match_eager(monkeypatch):
+    """Inductor, fullgraph per block. `fallback_random` makes inductor draw random numbers through torch's
+    generator as eager does, so our op gets the same dropout seeds and the comparison holds with dropout on
+    (without it, training is just as valid but the masks are other draws)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    model = patched_llama(0.1)
+    ids = batches()[0]
+    loss, grads = _loss_and_grads(model, ids)
+    other_seed, _ = _loss_and_grads(model, ids, seed=6)
+    assert (other_seed - loss).abs() > 1e-4  # dropout is live: the comparison below depends on the masks
+    for block in model.model.layers:
+        block.compile(fullgraph=True)  # a graph break here would raise
+    loss_c, grads_c = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-4, atol=1e-5 * grads[name].abs().max().item(),
+                                   msg=lambda m: f"{name}: {m}")
+    torch._dynamo.reset()
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")  # renamed in transformers 5.2x
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_regenerates_the_same_masks(reentrant):
+    model = patched_llama(0.1)
+    ids = batches()[0]
+    loss, grads = _loss_and_grads(model, ids)
+    model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    assert model.model.gradient_checkpointing
+    loss_ckpt, grads_ckpt = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")
+def test_checkpointing_without_rng_restore_would_differ():
+    """The check above can fail: if the recompute drew fresh seeds (preserve_rng_state=False), backward would use
+    masks other than the forward's, and the gradients would be wrong."""
+    model = patched_llama(0.1)
+    ids = batches()[0]
+    _, grads = _loss_and_grads(model, ids)
+    model.gradient_checkpointing_enable({"use_reentrant": False, "preserve_rng_state": False})
+    _, grads_ckpt = _loss_and_grads(model, ids)
+    assert any(not torch.allclose(grads_ckpt[n], grads[n], rtol=1e-3, atol=1e-5) for n in grads)
