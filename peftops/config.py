@@ -54,8 +54,8 @@ class LoraConfig:
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora must be a bool, got {self.use_rslora!r}")
-        if self.use_dora is not False:
-            raise ValueError("use_dora: DoRA is not supported yet (it arrives with issue 6)")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be a bool, got {self.use_dora!r}")
 
     @property
     def scaling(self) -> float:
@@ -65,9 +65,15 @@ class LoraConfig:
 @dataclass
 class PrefixConfig:
     num_virtual_tokens: int = 20
+    prefix_projection: bool = False  # as peft: prefixes come out of a two-layer MLP (tanh) over virtual tokens
+    encoder_hidden_size: "int | None" = None  # that MLP's hidden size; None: the prefix width per layer (peft's)
 
     def __post_init__(self):
         _positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        if not isinstance(self.prefix_projection, bool):
+            raise ValueError(f"prefix_projection must be a bool, got {self.prefix_projection!r}")
+        if self.encoder_hidden_size is not None:
+            _positive_int("encoder_hidden_size", self.encoder_hidden_size)
 
 
 @dataclass

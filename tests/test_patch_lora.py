@@ -180,7 +180,7 @@ def test_dropout_is_reproducible_under_manual_seed():
     (dict(bias="some"), "bias"), (dict(target_modules=[]), "target_modules"),
     (dict(target_modules="(["), "target_modules"), (dict(target_modules=[""]), "target_modules"),
     (dict(target_modules=3), "target_modules"),
-    (dict(use_rslora="yes"), "use_rslora"), (dict(use_dora=True), "use_dora"),
+    (dict(use_rslora="yes"), "use_rslora"), (dict(use_dora=1), "use_dora"),
 ])
 def test_bad_config_values(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}\b"):
@@ -201,7 +201,7 @@ def test_bad_other_config_values(cls, kwargs, field):
         cls(**kwargs)
 
 
-@pytest.mark.parametrize("config, issue", [(peftops.PrefixConfig(), "issue 3"), (peftops.AdapterConfig(), "issue 4")])
+@pytest.mark.parametrize("config, issue", [(peftops.PrefixConfig(), "issue 3")])
 def test_later_techniques_are_refused_clearly(config, issue):
     model = tiny_llama()
     with pytest.raises(NotImplementedError, match=issue):

@@ -48,6 +48,8 @@ def _lora_tensors(model, state) -> dict:
         layer = model.get_submodule(name)
         out[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A
         out[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B
+        if layer.use_dora:  # peft's file key drops the adapter name and the DoraLinearLayer's `.weight`
+            out[f"{_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
     if state.config.bias == "all":
         out.update({_PREFIX + n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")})
     elif state.config.bias == "lora_only":
@@ -62,15 +64,15 @@ def _lora_fields(model, state) -> dict:
     cfg = state.config
     targets = cfg.target_modules if cfg.target_modules is not None else default_lora_targets(model)
     return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets,
-            "bias": cfg.bias, "use_rslora": cfg.use_rslora, "use_dora": False, "init_lora_weights": True,
+            "bias": cfg.bias, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "init_lora_weights": True,
             "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None}
 
 
 def _lora_expected(model, state) -> dict:
     """The config fields that change results, as the patched model has them."""
     cfg = state.config
-    return {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.use_rslora, "bias": cfg.bias, "use_dora": False,
-            "rank_pattern": {}, "alpha_pattern": {}}
+    return {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.use_rslora, "bias": cfg.bias,
+            "use_dora": cfg.use_dora, "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def _lora_peft_expected(model, name) -> dict:

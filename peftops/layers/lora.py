@@ -27,12 +27,13 @@ def base_weight(module: nn.Module) -> torch.Tensor:
 
 
 class LoraLinear(nn.Module):
-    """`base(x) + scaling * dropout(x) @ lora_A.T @ lora_B.T`, with the original module kept as `base_layer`.
+    """`base(x) + scaling * dropout(x) @ lora_A.T @ lora_B.T`, with the original module kept as `base_layer`; with
+    `use_dora`, peft's DoRA: the rows of `W + scaling * B A` rescaled to the trainable `lora_magnitude_vector` [out].
 
     Parameters are named as peft's (`<name>.base_layer.weight`, `lora_A` [r, in], `lora_B` [out, r]) so state dict
-    keys map one to one onto peft's; initialisation is peft's (A Kaiming-uniform, B zero)."""
+    keys map one to one onto peft's; initialisation is peft's (A Kaiming-uniform, B zero, magnitude the row norms)."""
 
-    def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float = 0.0):
+    def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float = 0.0, use_dora: bool = False):
         super().__init__()
         if not is_supported(base_layer):
             raise ValueError(f"LoraLinear wraps nn.Linear or transformers' Conv1D, not {type(base_layer).__name__}")
@@ -46,6 +47,10 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=weight.dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=weight.dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.use_dora = bool(use_dora)
+        if self.use_dora:
+            with torch.no_grad():
+                self.lora_magnitude_vector = nn.Parameter(self._dora_norm(self._delta_weight()))
 
     @property
     def in_features(self) -> int:
@@ -58,6 +63,9 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.use_dora:
+            return ops.dora_linear(x, base_weight(self.base_layer), self.base_layer.bias, self.lora_A, self.lora_B,
+                                   self.lora_magnitude_vector, self.scaling, self.dropout, training=self.training)
         return ops.lora_linear(x, base_weight(self.base_layer), self.base_layer.bias, self.lora_A, self.lora_B,
                                self.scaling, self.dropout, training=self.training)
 
@@ -66,13 +74,28 @@ class LoraLinear(nn.Module):
         """Fold `scaling * B @ A` into the base weight; from then on this layer computes the base alone. Returns
         the base layer, which can replace this one."""
         if not self.merged:
-            a, b = self.lora_A, self.lora_B
-            if a.dtype in (torch.float16, torch.bfloat16):  # as peft: half matmuls are slow or lossy on CPU
-                a, b = a.float(), b.float()
-            delta = (b @ a) * self.scaling
-            base_weight(self.base_layer).add_(delta.to(self.base_layer.weight.dtype))
+            weight = base_weight(self.base_layer)
+            delta = self._delta_weight()
+            if self.use_dora:  # peft's DoRA merge: W' = m / ||W + dW|| * (W + dW), rows, in the weight's dtype
+                merged = weight + delta
+                weight.copy_((self.lora_magnitude_vector / self._dora_norm(delta)).view(-1, 1) * merged)
+            else:
+                weight.add_(delta)
             self.merged = True
         return self.base_layer
 
+    def _delta_weight(self) -> torch.Tensor:
+        """`scaling * B @ A` [out, in] in the base weight's dtype, computed as peft's `get_delta_weight`."""
+        a, b = self.lora_A, self.lora_B
+        if a.dtype in (torch.float16, torch.bfloat16):  # as peft: half matmuls are slow or lossy on CPU
+            a, b = a.float(), b.float()
+        return ((b @ a) * self.scaling).to(self.base_layer.weight.dtype)
+
+    def _dora_norm(self, delta: torch.Tensor) -> torch.Tensor:
+        """Row norms of `W + delta`, as peft's `get_weight_norm` (in the weight's dtype)."""
+        weight = base_weight(self.base_layer)
+        return torch.linalg.norm(weight + delta, dim=1).to(weight.dtype)
+
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout:g}" + (", merged" if self.merged else "")
+        return (f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout:g}" + (", dora" if self.use_dora else "")
+                + (", merged" if self.merged else ""))

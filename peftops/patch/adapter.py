@@ -60,7 +60,8 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Mo
     targets = config.target_modules if explicit else default_lora_targets(model)
     found = find_targets(model, targets, explicit)  # validates everything before the model is touched
     layers = _insert(model, config, adapter_name,
-                     {name: LoraLinear(module, config.r, config.scaling, config.dropout) for name, module in found})
+                     {name: LoraLinear(module, config.r, config.scaling, config.dropout, config.use_dora)
+                      for name, module in found})
     # Bias training as peft's: "all" trains every bias of the model, "lora_only" those of the adapted layers.
     if config.bias == "all":
         for n, p in model.named_parameters():

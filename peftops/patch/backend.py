@@ -1,5 +1,6 @@
-"""Backend mode: every peft LoRA `Linear` layer of a PeftModel computes through peftops.ops.lora_linear (IA3 layers
-through ops.ia3_linear, see backend_ia3.py).
+"""Backend mode: every peft LoRA `Linear` layer of a PeftModel computes through peftops.ops.lora_linear, DoRA
+adapters through ops.dora_linear, mixed-adapter batches (`adapter_names=`) through ops.multi_lora_linear (see
+backend_mixed.py); IA3 layers through ops.ia3_linear (see backend_ia3.py).
 
 Only the layers' `forward` is replaced, per instance and reversibly; parameters, names, state dict keys and peft's
 API stay peft's. What the fused op does not cover runs peft's own forward, with one warning per reason."""
@@ -46,7 +47,7 @@ def warn_once(module, reason: str, kind: str = "LoRA"):
 def base_reason(module, x, args, kwargs):
     """Why the base layer call cannot be fused (shared by LoRA and IA3), or None."""
     if kwargs.get("adapter_names") is not None:
-        return "adapter_names= (mixed adapter batches, coming with issue 6)"
+        return "adapter_names= (mixed adapter batches are fused for LoRA layers only)"
     if args or any(v is not None for v in kwargs.values()):
         return "extra forward arguments"
     base = module.base_layer
@@ -60,30 +61,41 @@ def base_reason(module, x, args, kwargs):
     return None
 
 
+def is_dora(module, name) -> bool:
+    from peft.tuners.lora.variants import DoraLinearVariant
+    return type(module.lora_variant.get(name)) is DoraLinearVariant
+
+
+def adapter_reason(module, x, name, allow_dora):
+    """Why adapter `name` of this layer cannot be fused, or None."""
+    if name in module.lora_variant and not (allow_dora and is_dora(module, name)):
+        return f"LoRA variant {type(module.lora_variant[name]).__name__}"
+    if module.lora_bias.get(name, False):
+        return "lora_bias"
+    a, b, drop = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+    if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
+        return "LoRA factors that are not plain bias-free nn.Linear"
+    if type(drop) not in (nn.Dropout, nn.Identity):
+        return f"dropout module {type(drop).__name__}"
+    if not x.is_floating_point() or x.dtype != module.base_layer.weight.dtype or not a.weight.is_floating_point():
+        return "an input whose dtype differs from the base weight's, or non-float weights"
+    return None
+
+
 def _fallback_reason(module, x, args, kwargs, active):
     """Why this call must run peft's forward, or None when the fused op computes exactly what peft would."""
     reason = base_reason(module, x, args, kwargs)
     if reason is not None:
         return reason
-    weight = module.base_layer.weight
-    for name in active:
-        if module.use_dora.get(name, False):
-            return "DoRA (coming with issue 6)"
-        if name in module.lora_variant:
-            return f"LoRA variant {type(module.lora_variant[name]).__name__}"
-        if module.lora_bias.get(name, False):
-            return "lora_bias"
-        a, b, drop = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
-        if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None or b.bias is not None:
-            return "LoRA factors that are not plain bias-free nn.Linear"
-        if type(drop) not in (nn.Dropout, nn.Identity):
-            return f"dropout module {type(drop).__name__}"
-        if not x.is_floating_point() or x.dtype != weight.dtype or not a.weight.is_floating_point():
-            return "an input whose dtype differs from the base weight's, or non-float weights"
-    return None
+    # peft adds a second adapter's DoRA term onto the first one's output (its `base_result`): not what the op computes.
+    if len(active) > 1 and any(is_dora(module, name) for name in active):
+        return "DoRA with several active adapters"
+    return next((r for r in (adapter_reason(module, x, n, allow_dora=True) for n in active) if r is not None), None)
 
 
 def _fused_forward(self, x, *args, **kwargs):
+    if kwargs.get("adapter_names") is not None and not self.disable_adapters:
+        return mixed_forward(self, x, *args, **kwargs)
     # Base only (adapters disabled or merged) or an adapter set the op does not cover: peft's code is exact there.
     active = [name for name in self.active_adapters if name in self.lora_A]
     if self.disable_adapters or self.merged or not active:
@@ -103,6 +115,10 @@ def _fused_forward(self, x, *args, **kwargs):
     # in the base dtype (float32 accumulation), so the factors are cast, differentiably, and the low-rank path is
     # rounded to that dtype where peft would round only its sum.
     a, b = (self.lora_A[first].weight.to(x.dtype), self.lora_B[first].weight.to(x.dtype))
+    if is_dora(self, first):  # the only active adapter (see _fallback_reason)
+        magnitude = self.lora_magnitude_vector[first].weight.to(x.dtype)
+        return ops.dora_linear(x, base_weight(base), base.bias, a, b, magnitude, self.scaling[first],
+                               dropout_p(first), training=self.training)
     result = ops.lora_linear(x, base_weight(base), base.bias, a, b, self.scaling[first], dropout_p(first),
                              training=self.training)
     for name in rest:  # further active adapters add their own low-rank term, as peft does
@@ -155,8 +171,12 @@ def unpatch_peft(model) -> nn.Module:
         if _SAVED in module.__dict__:
             saved = module.__dict__.pop(_SAVED)
             del module.__dict__[_WARNED]
+            module.__dict__.pop(STACK_CACHE, None)
             if saved is None:
                 del module.forward
             else:
                 module.forward = saved
     return model
+
+
+from .backend_mixed import STACK_CACHE, mixed_forward  # noqa: E402  (it uses the helpers above)
