@@ -2,11 +2,10 @@
 from torch import nn
 
 from ..config import AdapterConfig, BitFitConfig, IA3Config, LoraConfig, PrefixConfig
-from . import adapter, backend, bitfit
+from . import adapter, backend, bitfit, bottleneck, prefix
 
-# Techniques whose configs exist but whose layers arrive with later issues: refused clearly, never faked.
-_LATER = {PrefixConfig: "prefix tuning arrives with issue 3", AdapterConfig: "bottleneck adapters arrive with issue 4"}
-_PATCHERS = {LoraConfig: adapter.patch_lora, IA3Config: adapter.patch_ia3, BitFitConfig: bitfit.patch_bitfit}
+_PATCHERS = {LoraConfig: adapter.patch_lora, IA3Config: adapter.patch_ia3, BitFitConfig: bitfit.patch_bitfit,
+             AdapterConfig: bottleneck.patch_adapter, PrefixConfig: prefix.patch_prefix}
 
 
 def patch(model: nn.Module, config=None, *, adapter_name: str = "default") -> nn.Module:
@@ -14,8 +13,6 @@ def patch(model: nn.Module, config=None, *, adapter_name: str = "default") -> nn
     (peft's LoRA or IA3 layers compute through peftops kernels). Returns the same object."""
     if config is None:
         return backend.patch_peft(model)
-    if type(config) in _LATER:
-        raise NotImplementedError(f"peftops.patch with {type(config).__name__}: {_LATER[type(config)]}")
     if type(config) not in _PATCHERS:
         raise TypeError(f"config must be a peftops config such as peftops.LoraConfig, got {type(config).__name__}")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
@@ -30,6 +27,10 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = adapter.get_state(model)
     if isinstance(state, bitfit.BitFitState):
         return bitfit.unpatch_bitfit(model)
+    if isinstance(state, bottleneck.BottleneckState):
+        return bottleneck.unpatch_adapter(model)
+    if isinstance(state, prefix.PrefixState):
+        return prefix.unpatch_prefix(model)
     if state is not None:
         return adapter.unpatch_layers(model)
     if backend.is_patched_peft(model):
@@ -44,6 +45,12 @@ def merge(model: nn.Module) -> nn.Module:
     state = adapter.get_state(model)
     if isinstance(state, bitfit.BitFitState):
         return bitfit.unpatch_bitfit(model)
+    if isinstance(state, bottleneck.BottleneckState):
+        # The adapter is a nonlinear function of the sublayer's output: there is no weight to fold it into.
+        raise ValueError("bottleneck adapters cannot be merged into the base weights (act(down(h)) is nonlinear); "
+                         "keep the model patched, or peftops.unpatch(model) to drop the adapters")
+    if isinstance(state, prefix.PrefixState):  # folds prefix_projection into plain prefixes; stays patched
+        return prefix.merge_prefix(model)
     if state is not None:
         return adapter.unpatch_layers(model, merge=True)
     if backend.is_peft_model(model):

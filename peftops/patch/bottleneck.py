@@ -1,0 +1,158 @@
+"""Bottleneck adapters (Pfeiffer, Houlsby, parallel) in adapter mode, placed as AdapterHub (`adapters`) places them.
+
+Nothing is replaced: each covered module gets a `bottleneck_adapter` child (so its parameters are in the state dict
+and move with the model) and a per-instance `forward`; unpatch removes both. With A(x) = scale * up(act(down(x))),
+s the sublayer output h plus the model's residual r:
+- Pfeiffer (AdapterHub `seq_bn`: original_ln_before, residual_before_ln): after the feed-forward block, the adapter
+  reads the post-add stream (BERT: normed) and its residual is h, before the model's own add and LayerNorm.
+    BERT  `BertOutput`:        LN(s + A(LN(s)))      pre-LN (Llama, GPT-2) decoder layer: s + A(s)
+- Houlsby (`double_seq_bn`): after attention and after the feed-forward block, on h itself.
+    BERT  `BertSelfOutput`, `BertOutput`: LN(s + A(h))     pre-LN: attention and MLP outputs h -> h + A(h)
+- Parallel (He et al. 2021): beside the feed-forward block, reading its input x.
+    BERT  `BertOutput` (x is its residual r): LN(s + A(r))    pre-LN MLP: mlp(x) + A(x), x the normed input
+  (AdapterHub's `par_bn` reads the un-normed stream r on pre-LN models instead; we follow the paper.)
+Every form is one `adapter_bottleneck` call whose residual is the tensor the model adds anyway."""
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig
+from ..layers.bottleneck import BottleneckAdapter
+from .adapter import STATE_ATTR, check_unpatched
+
+CHILD = "bottleneck_adapter"
+_SAVED = "_peftops_bottleneck_forward"  # the instance's forward before patching (None: the class's)
+
+
+@dataclass
+class BottleneckState:
+    config: AdapterConfig
+    adapter_name: str
+    layer_names: list  # modules given an adapter child and a new forward
+    requires_grad: list  # [(parameter, flag)] before patching
+
+
+def _original(module):
+    saved = module.__dict__[_SAVED]
+    return saved if saved is not None else types.MethodType(type(module).forward, module)
+
+
+def _post_forward(self, *args, **kwargs):
+    """h -> h + A(h) on the output (a tensor, or the first element of a tuple as attention modules return)."""
+    out = _original(self)(*args, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return getattr(self, CHILD)(out)
+    return (getattr(self, CHILD)(out[0]),) + tuple(out[1:])
+
+
+def _parallel_forward(self, x, *args, **kwargs):
+    return getattr(self, CHILD)(x, residual=_original(self)(x, *args, **kwargs))
+
+
+def _bert_pfeiffer_forward(self, hidden_states, input_tensor):
+    s = self.dropout(self.dense(hidden_states)) + input_tensor
+    return self.LayerNorm(getattr(self, CHILD)(self.LayerNorm(s), residual=s))
+
+
+def _bert_houlsby_forward(self, hidden_states, input_tensor):
+    h = self.dropout(self.dense(hidden_states))
+    return self.LayerNorm(getattr(self, CHILD)(h, residual=h + input_tensor))
+
+
+def _bert_parallel_forward(self, hidden_states, input_tensor):
+    s = self.dropout(self.dense(hidden_states)) + input_tensor
+    return self.LayerNorm(getattr(self, CHILD)(input_tensor, residual=s))
+
+
+def _is_bert_output(m) -> bool:
+    return all(isinstance(getattr(m, a, None), t) for a, t in
+               (("dense", nn.Linear), ("LayerNorm", nn.LayerNorm), ("dropout", nn.Dropout)))
+
+
+def _layers(model):
+    """(family, layer name, layer) for every transformer layer of a supported family."""
+    for name, m in model.named_modules():
+        if all(hasattr(m, a) for a in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")):
+            yield "llama", name, m
+        elif all(hasattr(m, a) for a in ("attn", "mlp", "ln_1", "ln_2")):
+            yield "gpt2", name, m
+        elif hasattr(m, "intermediate") and _is_bert_output(getattr(m, "output", None)) and \
+                _is_bert_output(getattr(getattr(m, "attention", None), "output", None)):
+            yield "bert", name, m
+
+
+# (family, placement) -> [(submodule of the layer, new forward)]; "" is the layer itself.
+_PLAN = {
+    ("llama", "pfeiffer"): [("", _post_forward)],
+    ("llama", "houlsby"): [("self_attn", _post_forward), ("mlp", _post_forward)],
+    ("llama", "parallel"): [("mlp", _parallel_forward)],
+    ("gpt2", "pfeiffer"): [("", _post_forward)],
+    ("gpt2", "houlsby"): [("attn", _post_forward), ("mlp", _post_forward)],
+    ("gpt2", "parallel"): [("mlp", _parallel_forward)],
+    ("bert", "pfeiffer"): [("output", _bert_pfeiffer_forward)],
+    ("bert", "houlsby"): [("attention.output", _bert_houlsby_forward), ("output", _bert_houlsby_forward)],
+    ("bert", "parallel"): [("output", _bert_parallel_forward)],
+}
+
+
+def _plan(model, placement: str) -> list:
+    plan = []
+    for family, name, layer in _layers(model):
+        for sub, forward in _PLAN[family, placement]:
+            plan.append((".".join(n for n in (name, sub) if n), forward))
+    if not plan:
+        kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        raise ValueError(f"bottleneck adapters support the Llama, GPT-2 and BERT families; found no such layers in "
+                         f"{kind}")
+    return plan
+
+
+def _hidden_size(model) -> int:
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise ValueError(f"bottleneck adapters need model.config.hidden_size; {type(model).__name__} has none")
+    return hidden
+
+
+def patch_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str) -> nn.Module:
+    check_unpatched(model)
+    present = [n for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)]
+    if present:
+        raise ValueError(f"model already holds peftops bottleneck adapters at {present}; patching again would stack")
+    plan = _plan(model, config.placement)  # validated before the model is touched
+    hidden = _hidden_size(model)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for name, forward in plan:
+        module = model.get_submodule(name)
+        ref = next(module.parameters())  # the adapter lives in the sublayer's dtype and device
+        module.add_module(CHILD, BottleneckAdapter(hidden, config.bottleneck, config.activation, config.scale,
+                                                   dtype=ref.dtype, device=ref.device))
+        module.__dict__[_SAVED] = module.__dict__.get("forward")
+        module.forward = types.MethodType(forward, module)
+    model.__dict__[STATE_ATTR] = BottleneckState(config, adapter_name, [n for n, _ in plan], flags)
+    return model
+
+
+def unpatch_adapter(model: nn.Module) -> nn.Module:
+    state = model.__dict__.pop(STATE_ATTR)
+    for name in state.layer_names:
+        module = model.get_submodule(name)
+        delattr(module, CHILD)
+        saved = module.__dict__.pop(_SAVED)
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+    for p, flag in state.requires_grad:
+        p.requires_grad_(flag)
+    return model
+
+
+def adapter_parameters(model: nn.Module, state: BottleneckState) -> dict:
+    """State-dict name -> parameter of every adapter (the keys of its file)."""
+    return {f"{name}.{CHILD}.{p}": getattr(model.get_submodule(name), CHILD).get_parameter(p)
+            for name in state.layer_names for p in ("down", "down_bias", "up", "up_bias")}

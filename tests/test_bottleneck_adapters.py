@@ -1,0 +1,203 @@
+"""Bottleneck adapters (AdapterConfig) on tiny Llama, GPT-2 and BERT: identity at init, only adapter parameters
+train, outputs and gradients equal to a plain-PyTorch re-implementation of AdapterHub's placements
+(tests/bottleneck_reference.py), save/load, merge refused, unpatch restores."""
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import peftops
+from peftops import AdapterConfig
+from peftops.patch.adapter import get_state
+from peftops.patch.bottleneck import CHILD, adapter_parameters
+from bottleneck_reference import install
+from tiny_models import BUILDERS, assert_close, input_ids, loss_of, output
+
+FAMILIES, PLACEMENTS = sorted(BUILDERS), ("pfeiffer", "houlsby", "parallel")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+# Modules that get an adapter, per family and placement, for layer 0 (the tiny models have 2 layers).
+WHERE = {
+    ("llama", "pfeiffer"): ["model.layers.0"], ("llama", "houlsby"): ["model.layers.0.self_attn", "model.layers.0.mlp"],
+    ("llama", "parallel"): ["model.layers.0.mlp"], ("gpt2", "pfeiffer"): ["transformer.h.0"],
+    ("gpt2", "houlsby"): ["transformer.h.0.attn", "transformer.h.0.mlp"], ("gpt2", "parallel"): ["transformer.h.0.mlp"],
+    ("bert", "pfeiffer"): ["encoder.layer.0.output"],
+    ("bert", "houlsby"): ["encoder.layer.0.attention.output", "encoder.layer.0.output"],
+    ("bert", "parallel"): ["encoder.layer.0.output"],
+}
+
+
+def randomize(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:  # std 1/sqrt(fan_in) keeps the adapter's change of the order of h
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+
+
+def forward_backward(model, ids):
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds)
+    out = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    loss_of(out).backward()
+    return out.detach(), embeds.grad
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_at_init_and_only_adapters_train(family, placement):
+    model = BUILDERS[family]()
+    ids = input_ids()
+    before = output(model, ids)
+    config = AdapterConfig(bottleneck=4, placement=placement)
+    assert peftops.patch(model, config) is model
+    assert torch.equal(output(model, ids), before)
+    state = get_state(model)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == set(adapter_parameters(model, state))
+    layers = 2 * (2 if placement == "houlsby" else 1)
+    assert peftops.trainable_parameters(model)[0] == layers * (2 * 32 * 4 + 4 + 32)
+    assert {n.rpartition("." + CHILD)[0] for n in trained if ".0." in n} == set(WHERE[family, placement])
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_outputs_and_gradients_equal_the_reference(family, placement, activation):
+    base = BUILDERS[family]()
+    ref = copy.deepcopy(base)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    ours = peftops.patch(base, AdapterConfig(bottleneck=5, placement=placement, activation=activation, scale=0.7))
+    randomize(ours)
+    state = get_state(ours)
+    weights = {name: {k: getattr(ours.get_submodule(name), CHILD).get_parameter(k).detach().clone()
+                      .requires_grad_(True) for k in ("down", "down_bias", "up", "up_bias")}
+               for name in state.layer_names}
+    install(ref, placement, weights, activation, 0.7)
+    ids = input_ids()
+    out, grad_x = forward_backward(ours, ids)
+    ref_out, ref_grad_x = forward_backward(ref, ids)
+    assert (out - output(BUILDERS[family](), ids)).abs().max() > 1e-2  # the adapters do change the model
+    assert_close(out, ref_out, 1e-5, "output")
+    assert_close(grad_x, ref_grad_x, 1e-5, "input gradient")
+    for name, w in weights.items():
+        for k, t in w.items():
+            assert_close(getattr(ours.get_submodule(name), CHILD).get_parameter(k).grad, t.grad, 1e-5, f"{name}.{k}")
+    assert all(p.grad is None for p in ours.parameters() if not p.requires_grad)
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_round_trip(family, placement, tmp_path):
+    config = AdapterConfig(bottleneck=4, placement=placement, activation="gelu", scale=2.0)
+    ours = peftops.patch(BUILDERS[family](), config)
+    randomize(ours)
+    peftops.save_adapter(ours, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["adapter_model.safetensors", "bottleneck_config.json"]
+    assert json.loads((tmp_path / "bottleneck_config.json").read_text()) == {
+        "format": "peftops-bottleneck", "version": 1, "bottleneck": 4, "placement": placement, "activation": "gelu",
+        "scale": 2.0, "base_model_name_or_path": None, "model_type": family}
+    assert sorted(peftops.io.read_weights(str(tmp_path))) == sorted(
+        n for n, p in ours.named_parameters() if p.requires_grad)
+    fresh = peftops.patch(BUILDERS[family](), config)
+    assert peftops.load_adapter(fresh, str(tmp_path)) is fresh
+    ids = input_ids()
+    assert torch.equal(output(fresh, ids), output(ours, ids))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(placement="houlsby"), "placement"), (dict(bottleneck=8), "bottleneck"), (dict(activation="relu"),
+                                                                                  "activation"),
+    (dict(scale=1.0), "scale"),
+])
+def test_load_refuses_other_configs_and_leaves_the_model(change, match, tmp_path):
+    config = AdapterConfig(bottleneck=4, placement="pfeiffer", activation="gelu", scale=2.0)
+    ours = peftops.patch(BUILDERS["llama"](), config)
+    randomize(ours)
+    peftops.save_adapter(ours, str(tmp_path))
+    other = peftops.patch(BUILDERS["llama"](), AdapterConfig(**{**vars(config), **change}))
+    before = _params(other)
+    with pytest.raises(ValueError, match=match):
+        peftops.load_adapter(other, str(tmp_path))
+    assert all(torch.equal(before[n], p) for n, p in other.named_parameters())
+
+
+def test_load_refuses_bad_files_and_leaves_the_model(tmp_path):
+    from safetensors.torch import load_file, save_file
+    config = AdapterConfig(bottleneck=4)
+    ours = peftops.patch(BUILDERS["bert"](), config)
+    randomize(ours)
+    peftops.save_adapter(ours, str(tmp_path))
+    target = peftops.patch(BUILDERS["bert"](), config)
+    before = _params(target)
+
+    def refused(exc, match, path=tmp_path):
+        with pytest.raises(exc, match=match):
+            peftops.load_adapter(target, str(path))
+        assert all(torch.equal(before[n], p) for n, p in target.named_parameters())
+
+    refused(FileNotFoundError, "bottleneck_config.json", tmp_path / "nothing")
+    gpt2 = peftops.patch(BUILDERS["gpt2"](), config)
+    with pytest.raises(ValueError, match="bert model"):
+        peftops.load_adapter(gpt2, str(tmp_path))
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = "encoder.layer.1.output.bottleneck_adapter.up"
+    save_file({**tensors, key: tensors[key][:, :3].contiguous()}, str(tmp_path / "adapter_model.safetensors"))
+    refused(ValueError, "wrong shapes.*layer.1.output.bottleneck_adapter.up")
+    save_file({k: v for k, v in tensors.items() if k != key}, str(tmp_path / "adapter_model.safetensors"))
+    refused(ValueError, "missing keys.*layer.1.output.bottleneck_adapter.up")
+    save_file({**tensors, "extra": tensors[key].clone()}, str(tmp_path / "adapter_model.safetensors"))
+    refused(ValueError, "unexpected keys.*extra")
+    bitfit = tmp_path / "bitfit"
+    peftops.save_adapter(peftops.patch(BUILDERS["bert"](), peftops.BitFitConfig()), str(bitfit))
+    refused(FileNotFoundError, "bottleneck_config.json", bitfit)
+    (tmp_path / "bottleneck_config.json").write_text(json.dumps({"format": "peftops-bitfit", "version": 1}))
+    refused(ValueError, "not a peftops-bottleneck version 1 file")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_is_refused_and_unpatch_restores(family):
+    model = BUILDERS[family]()
+    model.get_input_embeddings().weight.requires_grad_(False)  # a flag unpatch must restore as it was
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    keys, ids = list(model.state_dict()), input_ids()
+    before = output(model, ids)
+    peftops.patch(model, AdapterConfig(bottleneck=4, placement="houlsby"))
+    randomize(model)
+    assert not torch.equal(output(model, ids), before)
+    with pytest.raises(ValueError, match="bottleneck adapters cannot be merged"):
+        peftops.merge(model)
+    assert peftops.unpatch(model) is model
+    assert list(model.state_dict()) == keys and {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not any(CHILD in n or "_peftops" in str(vars(m).keys()) for n, m in model.named_modules())
+    assert torch.equal(output(model, ids), before)
+    peftops.patch(model, AdapterConfig(bottleneck=4))  # patchable again after unpatch
+
+
+def test_patching_twice_and_unsupported_models_are_clear_errors():
+    model = peftops.patch(BUILDERS["llama"](), AdapterConfig(bottleneck=4))
+    with pytest.raises(ValueError, match="already patched"):
+        peftops.patch(model, AdapterConfig(bottleneck=4))
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="Llama, GPT-2 and BERT"):
+        peftops.patch(plain, AdapterConfig(bottleneck=2))
+    assert all(p.requires_grad for p in plain.parameters())
+
+
+def test_training_step_moves_the_adapter_only():
+    model = peftops.patch(BUILDERS["gpt2"](), AdapterConfig(bottleneck=4, placement="parallel"))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    ids = input_ids()
+    before = output(model, ids).detach()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss_of(output(model, ids)).backward()
+    opt.step()
+    assert not torch.allclose(output(model, ids), before)
+    assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)
