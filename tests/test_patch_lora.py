@@ -201,14 +201,6 @@ def test_bad_other_config_values(cls, kwargs, field):
         cls(**kwargs)
 
 
-@pytest.mark.parametrize("config, issue", [(peftops.PrefixConfig(), "issue 3")])
-def test_later_techniques_are_refused_clearly(config, issue):
-    model = tiny_llama()
-    with pytest.raises(NotImplementedError, match=issue):
-        peftops.patch(model, config)
-    assert all(p.requires_grad for p in model.parameters())
-
-
 @pytest.mark.parametrize("targets, named", [
     (["nope"], "nope"), (["q_proj", "nope"], "nope"), ("model\\.nothing.*", "nothing"),
     (["embed_tokens"], "embed_tokens"), (["self_attn"], "LlamaAttention"), (r".*layers\.0\.mlp.*", "LlamaMLP"),

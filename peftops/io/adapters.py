@@ -29,7 +29,8 @@ def save_adapter(model, path: str):
 
 
 def load_adapter(model, path: str):
-    """Load an adapter saved by peftops (or peft, for LoRA / IA3 / prefix tuning) onto a model patched with the same config."""
+    """Load an adapter saved by peftops (or peft, for LoRA / IA3 / prefix tuning) onto a model patched with the
+    same config."""
     if backend.is_peft_model(model):
         return load_into_peft(model, path)
     state = adapter.get_state(model)

@@ -1,0 +1,298 @@
+"""Prefix tuning in adapter mode: every self-attention layer attends to its own trainable prefix keys and values
+through `ops.prefix_attention` (the prefix is shared by the batch: never expanded, copied or put in a cache).
+
+Hooked into transformers through its attention-function registry (Llama, GPT-2, BERT in transformers 5.x, and any
+family whose attention calls `ALL_ATTENTION_FUNCTIONS`): the model's `_attn_implementation` becomes "peftops_prefix",
+whose function finds the layer's prefix on the attention module it is handed. The mask transformers builds for it is
+SDPA's; `_padding_and_causal` turns it back into the op's [B, S] padding mask and causal flag.
+
+Semantics are peft's `PrefixTuningConfig` (same function on the same weights, peftops.io.prefix_format reads and
+writes its files): the prefix of layer l is rows 2l (keys) and 2l+1 (values) of peft's
+`[P, layers * 2, Hkv, D]` layout; with `prefix_projection` it is the output of peft's MLP
+`Linear(token_dim, hidden) -> tanh -> Linear(hidden, layers * 2 * token_dim)` over P virtual-token embeddings; and,
+because peft puts the prefix in the KV cache, a causal LM's positions are shifted by P (`_shift_positions`)."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..config import PrefixConfig
+from .adapter import STATE_ATTR, check_unpatched
+
+ATTN_NAME = "peftops_prefix"
+KEY, VALUE = "peftops_prefix_key", "peftops_prefix_value"  # per-layer parameters [Hkv, P, D] on attention modules
+ENCODER = "peftops_prefix_encoder"  # the projection MLP (prefix_projection=True), a submodule of the model
+_LAYER = "_peftops_prefix_layer"  # attention module -> (layer index, encoder or None), outside its submodules
+
+
+@dataclass
+class PrefixState:
+    config: PrefixConfig
+    adapter_name: str
+    attention_names: list  # the patched attention modules, in layer order
+    requires_grad: list  # [(parameter, flag)] before patching
+    attn_implementation: object  # the model's before patching
+    position_hook: object  # handle of the position shift, or None
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def token_dim(self) -> int:  # peft's name for the prefix width of one layer's keys (or values)
+        return self.num_kv_heads * self.head_dim
+
+
+class PrefixEncoder(nn.Module):
+    """peft's reparameterisation (parameter names as peft's PrefixEncoder, so files map one to one)."""
+
+    def __init__(self, num_tokens, token_dim, hidden, num_layers, dtype=None):
+        super().__init__()
+        self.num_layers = num_layers
+        self.embedding = nn.Embedding(num_tokens, token_dim, dtype=dtype)
+        self.transform = nn.Sequential(nn.Linear(token_dim, hidden, dtype=dtype), nn.Tanh(),
+                                       nn.Linear(hidden, num_layers * 2 * token_dim, dtype=dtype))
+
+    def full(self) -> torch.Tensor:
+        """[P, layers * 2 * token_dim]: peft's `prompt_embeddings`."""
+        return self.transform(self.embedding.weight)
+
+    def layer(self, index: int, num_kv_heads: int):
+        """(keys, values) [Hkv, P, D] of one layer, through only that layer's rows of the output projection."""
+        hidden = self.transform[1](self.transform[0](self.embedding.weight))
+        out = self.transform[2]
+        rows = out.weight.shape[0] // (2 * self.num_layers)
+        sl = slice(2 * index * rows, (2 * index + 2) * rows)
+        kv = F.linear(hidden, out.weight[sl], out.bias[sl])
+        return split_layer(kv.view(kv.shape[0], 2, num_kv_heads, -1))
+
+
+def split_layer(kv: torch.Tensor):
+    """[P, 2, Hkv, D] -> (keys, values), each [Hkv, P, D]."""
+    kv = kv.permute(1, 2, 0, 3)
+    return kv[0], kv[1]
+
+
+def to_peft_layout(prefixes: list) -> torch.Tensor:
+    """[(keys, values) [Hkv, P, D] per layer] -> peft's `prompt_embeddings` [P, layers * 2 * Hkv * D]."""
+    stacked = torch.stack([t for kv in prefixes for t in kv])  # [layers * 2, Hkv, P, D]
+    return stacked.permute(2, 0, 1, 3).reshape(stacked.shape[2], -1)
+
+
+def from_peft_layout(embeddings: torch.Tensor, num_layers: int, num_kv_heads: int) -> list:
+    """Inverse of `to_peft_layout` (peft's get_prompt: view [P, layers * 2, Hkv, D], permute, split by 2)."""
+    P = embeddings.shape[0]
+    view = embeddings.view(P, num_layers, 2, num_kv_heads, -1)
+    return [split_layer(view[:, i]) for i in range(num_layers)]
+
+
+def layer_prefix(module: nn.Module):
+    """(keys, values) [Hkv, P, D] of a patched attention module."""
+    index, encoder = module.__dict__[_LAYER]
+    if encoder is not None:
+        return encoder.layer(index, getattr(module, KEY + "_heads"))
+    return getattr(module, KEY), getattr(module, VALUE)
+
+
+# The attention function ------------------------------------------------------------------------------------------
+def _padding_and_causal(mask, batch: int, L: int, S: int, causal: bool):
+    """transformers' mask for SDPA ([B|1, 1|H, L, S] bool, or additive float; None: no padding) -> the op's
+    ([B, S] bool padding mask or None, causal). Anything else (packed sequences, sliding windows) is refused rather
+    than computed wrongly."""
+    if mask is None:
+        return None, causal
+    if mask.dim() == 2:  # a plain padding mask (custom callers)
+        padding = mask.bool()
+    else:
+        if mask.dim() != 4 or mask.shape[-1] != S or mask.shape[-2] not in (1, L):
+            raise ValueError(f"prefix attention: attention mask of shape {tuple(mask.shape)} does not fit queries "
+                             f"of length {L} and keys of length {S}")
+        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        allowed = allowed.amax(1) if allowed.shape[1] > 1 else allowed[:, 0]  # [B|1, L|1, S]
+        padding = allowed[:, -1]  # the last query row sees every key that is not padding, causal or not
+        rule = torch.ones(L, S, dtype=torch.bool, device=mask.device).tril(S - L) if causal else None
+        full = padding[:, None, :] & rule if causal else padding[:, None, :].expand(-1, L, -1)
+        # Rows that see no key at all (padding queries) are left out: transformers may open them up, and with the
+        # prefix always visible their output is the same attention over the prefix either way.
+        live = full.any(-1, keepdim=True)
+        if allowed.shape[1] == L and not torch.equal(allowed & live, full & live):
+            raise ValueError("prefix attention supports padding masks (plus causal masking in causal models); this "
+                             "model's attention mask is neither (packed sequences, sliding windows?)")
+    padding = padding.expand(batch, S)
+    return (None if bool(padding.all()) else padding.contiguous()), causal
+
+
+def _materialised(q, k, v, pk, pv, padding, causal, scale, dropout):
+    """Attention dropout needs the probabilities, which the op never forms: SDPA over the concatenation instead."""
+    B, Hkv, S, _ = k.shape
+    L, P, rep = q.shape[2], pk.shape[-2], q.shape[1] // Hkv
+    keys, values = (torch.cat([p.expand(B, -1, -1, -1), t], 2).repeat_interleave(rep, 1)
+                    for p, t in ((pk, k), (pv, v)))
+    allowed = torch.ones(B, 1, L, S, dtype=torch.bool, device=q.device)
+    if padding is not None:
+        allowed = allowed & padding[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)
+    allowed = torch.cat([allowed.new_ones(B, 1, L, P), allowed], -1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, dropout_p=dropout, scale=scale)
+
+
+def prefix_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                             **kwargs):
+    """transformers' attention-function signature: q [B, Hq, L, D], k, v [B, Hkv, S, D] -> ([B, L, Hq, D], None)."""
+    if _LAYER not in module.__dict__:
+        raise RuntimeError(f"{type(module).__name__} runs with attn_implementation={ATTN_NAME!r} but holds no "
+                           "prefix: patch the model with peftops.patch(model, PrefixConfig(...))")
+    for name in ("sliding_window", "softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"prefix attention does not support {name} ({type(module).__name__})")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    padding, causal = _padding_and_causal(attention_mask, query.shape[0], query.shape[2], key.shape[2], causal)
+    pk, pv = (t.to(query.dtype) for t in layer_prefix(module))
+    if dropout > 0.0:
+        out = _materialised(query, key, value, pk, pv, padding, causal, scaling, dropout)
+    else:
+        out = ops.prefix_attention(query, key, value, pk, pv, attn_mask=padding, is_causal=causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register():
+    """Idempotent; SDPA's mask builder serves the function, so it receives SDPA's (skippable) masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(ATTN_NAME, prefix_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+# Patching --------------------------------------------------------------------------------------------------------
+def _shape(model):
+    """(layers, Hkv, D) as peft derives them from the model config."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = next((getattr(cfg, n) for n in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(cfg, n)), None)
+    heads = next((getattr(cfg, n) for n in ("num_attention_heads", "n_head") if hasattr(cfg, n)), None)
+    hidden = next((getattr(cfg, n) for n in ("hidden_size", "n_embd", "d_model") if hasattr(cfg, n)), None)
+    if None in (layers, heads, hidden):
+        raise ValueError(f"prefix tuning: cannot read the layer count, heads and width of {type(cfg).__name__}")
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim
+
+
+def _attention_modules(model, num_layers):
+    """The self-attention modules that call transformers' attention-function registry, in layer order."""
+    found = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("Attention")
+             and hasattr(m, "layer_idx") and hasattr(m, "is_causal") and not getattr(m, "is_cross_attention", False)
+             and not any(type(c).__name__.endswith("Attention") and hasattr(c, "layer_idx") for c in m.children())]
+    if len(found) != num_layers:
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise ValueError(f"prefix tuning supports models whose attention goes through transformers' attention "
+                         f"registry (Llama, GPT-2, BERT, ...): found {len(found)} such layers in {kind}, expected "
+                         f"{num_layers}")
+    return found
+
+
+def _set_attn_implementation(model, name):
+    try:
+        model.set_attn_implementation(name)
+    except AttributeError:  # older transformers
+        model.config._attn_implementation = name
+    if model.config._attn_implementation != name:
+        model.config._attn_implementation = name
+
+
+def _shift_positions(num_tokens):
+    """peft keeps the prefix in the cache, so a causal LM numbers its tokens after it: positions given are shifted
+    by P, and absent ones are P + the cache length + 0 .. L-1 (what the model computes with P more cached tokens)."""
+    def hook(module, args, kwargs):
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            x = kwargs.get("input_ids")
+            x = kwargs.get("inputs_embeds") if x is None else x
+            x = args[0] if x is None and args else x
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is None:
+                past = 0
+            elif hasattr(cache, "get_seq_length"):
+                past = cache.get_seq_length()
+            else:  # legacy tuple of (keys, values) per layer
+                past = cache[0][0].shape[-2]
+            if kwargs.get("cache_position") is not None:
+                pos = kwargs["cache_position"].unsqueeze(0)
+            else:
+                pos = torch.arange(past, past + x.shape[1], device=x.device).unsqueeze(0)
+        kwargs["position_ids"] = pos + num_tokens
+        return args, kwargs
+    return hook
+
+
+def patch_prefix(model: nn.Module, config: PrefixConfig, adapter_name: str) -> nn.Module:
+    check_unpatched(model)
+    if not hasattr(model, "config") or not hasattr(model.config, "_attn_implementation"):
+        raise ValueError(f"prefix tuning patches transformers models, not {type(model).__name__}")
+    num_layers, num_kv, head_dim = _shape(model)
+    found = _attention_modules(model, num_layers)
+    register()
+
+    P, dtype = config.num_virtual_tokens, next(model.parameters()).dtype
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    encoder = None
+    if config.prefix_projection:
+        hidden = config.encoder_hidden_size or num_kv * head_dim
+        encoder = PrefixEncoder(P, num_kv * head_dim, hidden, num_layers, dtype).to(flags[0][0].device)
+        model.add_module(ENCODER, encoder)
+    for index, (_, module) in enumerate(found):
+        module.__dict__[_LAYER] = (index, encoder)
+        module.__dict__[KEY + "_heads"] = num_kv
+        if encoder is None:  # peft's init: its nn.Embedding is N(0, 1)
+            for name in (KEY, VALUE):
+                module.register_parameter(name, nn.Parameter(torch.randn(num_kv, P, head_dim, dtype=dtype,
+                                                                         device=flags[0][0].device)))
+    causal = all(m.is_causal for _, m in found)
+    hook = model.base_model.register_forward_pre_hook(_shift_positions(P), with_kwargs=True) if causal else None
+    old = model.config._attn_implementation
+    _set_attn_implementation(model, ATTN_NAME)
+    model.__dict__[STATE_ATTR] = PrefixState(config, adapter_name, [n for n, _ in found], flags, old, hook, num_kv,
+                                             head_dim)
+    return model
+
+
+def prefixes(model, state) -> list:
+    """[(keys, values)] per layer, as the model computes them now."""
+    return [layer_prefix(model.get_submodule(n)) for n in state.attention_names]
+
+
+def merge_prefix(model: nn.Module) -> nn.Module:
+    """Fold the projection MLP away: its per-layer output becomes plain prefix parameters (the model stays patched,
+    since a prefix lives in attention, not in any base weight). Plain prefixes have nothing to fold."""
+    state = model.__dict__[STATE_ATTR]
+    if not state.config.prefix_projection:
+        return model
+    with torch.no_grad():
+        values = [(k.clone(), v.clone()) for k, v in prefixes(model, state)]
+    for name, (k, v) in zip(state.attention_names, values):
+        module = model.get_submodule(name)
+        module.__dict__[_LAYER] = (module.__dict__[_LAYER][0], None)
+        module.register_parameter(KEY, nn.Parameter(k))
+        module.register_parameter(VALUE, nn.Parameter(v))
+    delattr(model, ENCODER)
+    state.config = PrefixConfig(state.config.num_virtual_tokens)
+    return model
+
+
+def unpatch_prefix(model: nn.Module) -> nn.Module:
+    state = model.__dict__.pop(STATE_ATTR)
+    for name in state.attention_names:
+        module = model.get_submodule(name)
+        for attr in (_LAYER, KEY + "_heads"):
+            module.__dict__.pop(attr, None)
+        for attr in (KEY, VALUE):
+            module._parameters.pop(attr, None)
+    if ENCODER in model._modules:
+        delattr(model, ENCODER)
+    if state.position_hook is not None:
+        state.position_hook.remove()
+    _set_attn_implementation(model, state.attn_implementation)
+    for p, flag in state.requires_grad:
+        p.requires_grad_(flag)
+    return model

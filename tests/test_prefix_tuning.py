@@ -1,0 +1,275 @@
+"""Prefix tuning (PrefixConfig) against peft's PrefixTuningConfig on tiny Llama (GQA, RoPE) and GPT-2 (learned
+absolute positions): logits and prefix gradients, padding on either side, positions shifted by P as peft's cache
+prefix shifts them, greedy generation with the KV cache, peft-format files both ways, projection and its merge."""
+import copy
+import json
+import os
+
+import peft
+import pytest
+import torch
+
+import peftops
+from peftops.patch import prefix as pf
+from peftops.patch.adapter import STATE_ATTR
+from tiny_models import VOCAB, assert_close, loss_of, tiny_bert, tiny_gpt2, tiny_llama
+
+P = 3
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+IDS = torch.randint(1, VOCAB, (3, 9), generator=torch.Generator().manual_seed(3))
+
+
+def mask(kind):
+    """Rows of 9, 6 and 3 real tokens, padded on `kind`'s side (None: no padding)."""
+    keep = torch.arange(9)[None, :] < torch.tensor([[9], [6], [3]])
+    return None if kind is None else (keep.flip(1) if kind == "left" else keep).long()
+
+
+def state(model):
+    return model.__dict__[STATE_ATTR]
+
+
+def pair(name, projection=False):
+    """(ours, peft's) with the same base weights and the same prefix (or projection MLP)."""
+    base = BUILDERS[name]()
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=projection))
+    ours = peftops.patch(base, peftops.PrefixConfig(P, prefix_projection=projection))
+    encoder = ref.prompt_encoder["default"]
+    with torch.no_grad():
+        if projection:
+            encoder.load_state_dict(getattr(ours, pf.ENCODER).state_dict())
+        else:
+            encoder.embedding.weight.copy_(pf.to_peft_layout(pf.prefixes(ours, state(ours))))
+    return ours, ref
+
+
+def prefix_grads(model, ref, projection):
+    """(ours, peft's) prefix gradients in one layout."""
+    if projection:
+        ours = dict(getattr(model, pf.ENCODER).named_parameters())
+        return ([ours[n].grad for n in sorted(ours)],
+                [p.grad for n, p in sorted(ref.prompt_encoder["default"].named_parameters())])
+    st = state(model)
+    ours = [t.grad for n in st.attention_names for t in pf.layer_prefix(model.get_submodule(n))]
+    theirs = pf.from_peft_layout(ref.prompt_encoder["default"].embedding.weight.grad, len(st.attention_names),
+                                 st.num_kv_heads)
+    return ours, [t for kv in theirs for t in kv]
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("pad,projection", [(None, False), ("left", False), ("right", False), ("left", True)])
+def test_logits_and_prefix_grads_match_peft(name, pad, projection):
+    ours, ref = pair(name, projection)
+    am = mask(pad)
+    out = ours(input_ids=IDS, attention_mask=am).logits
+    expected = ref(input_ids=IDS, attention_mask=am).logits
+    assert_close(out, expected, what="logits")
+    loss_of(out).backward()
+    loss_of(expected).backward()
+    for a, b in zip(*prefix_grads(ours, ref, projection)):
+        assert_close(a, b, 1e-4, what="prefix grad")
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_explicit_positions_are_shifted_by_p_as_peft(name):
+    # peft numbers tokens after its cached prefix (given position_ids + P): neither RoPE (the prefix keys carry no
+    # rotation) nor GPT-2's absolute positions are blind to that shift.
+    ours, ref = pair(name)
+    am = mask("left")
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    assert_close(ours(input_ids=IDS, attention_mask=am, position_ids=pos).logits,
+                 ref(input_ids=IDS, attention_mask=am, position_ids=pos).logits, what="logits")
+    unshifted = ours(input_ids=IDS, attention_mask=am, position_ids=pos - P).logits
+    assert not torch.allclose(unshifted, ref(input_ids=IDS, attention_mask=am, position_ids=pos).logits, atol=1e-4)
+
+
+def peft_greedy(ref, ids, am, steps):
+    """Greedy decoding by full recomputation through peft's forward, with the positions generate() gives (from the
+    mask; peft adds P). peft's own generate() cannot be the reference here: on transformers 5.x it hands its prefix
+    cache over as `past_key_values` while generate passes its own empty `cache`, so the prefix is lost."""
+    for _ in range(steps):
+        pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+        nxt = ref(input_ids=ids, attention_mask=am, position_ids=pos).logits[:, -1].argmax(-1, keepdim=True)
+        ids, am = torch.cat([ids, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_generate_with_kv_cache_matches_peft_greedy(name):
+    ours, ref = pair(name)
+    ids, am = IDS[:, :6], mask("left")[:, 3:]
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    got = ours.generate(input_ids=ids, attention_mask=am, **kw)
+    assert torch.equal(got, peft_greedy(ref, ids, am, 6))
+    plain = BUILDERS[name]().generate(input_ids=ids, attention_mask=am, **kw)
+    assert not torch.equal(got, plain)  # the prefix changes what is generated
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_only_prefix_parameters_train_and_unpatch_restores(projection):
+    model = tiny_llama()
+    before = model(input_ids=IDS).logits
+    keys, impl = set(model.state_dict()), model.config._attn_implementation
+    model.lm_head.weight.requires_grad_(False)  # a flag that unpatch must restore as it was
+    peftops.patch(model, peftops.PrefixConfig(P, prefix_projection=projection))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if projection:
+        assert trainable == {f"{pf.ENCODER}.{n}" for n in
+                             ("embedding.weight", "transform.0.weight", "transform.0.bias", "transform.2.weight",
+                              "transform.2.bias")}
+    else:
+        assert trainable == {f"model.layers.{i}.self_attn.{k}" for i in (0, 1) for k in (pf.KEY, pf.VALUE)}
+        assert peftops.trainable_parameters(model)[0] == 2 * 2 * 2 * P * 8  # layers * (k, v) * Hkv * P * D
+    with pytest.raises(ValueError, match="already patched"):
+        peftops.patch(model, peftops.PrefixConfig(P))
+    assert not torch.allclose(model(input_ids=IDS).logits, before)
+    peftops.unpatch(model)
+    assert set(model.state_dict()) == keys and model.config._attn_implementation == impl
+    assert not model.lm_head.weight.requires_grad and model.model.embed_tokens.weight.requires_grad
+    assert torch.equal(model(input_ids=IDS).logits, before)  # also: no position shift left behind
+
+
+def test_projection_merge_folds_into_plain_prefixes(tmp_path):
+    ours, ref = pair("gpt2", projection=True)
+    am = mask("right")
+    before = ours(input_ids=IDS, attention_mask=am).logits
+    peftops.merge(ours)
+    assert not hasattr(ours, pf.ENCODER)
+    assert peftops.trainable_parameters(ours)[0] == 2 * 2 * 4 * P * 8
+    assert_close(ours(input_ids=IDS, attention_mask=am).logits, before, what="merged logits")
+    peftops.save_adapter(ours, tmp_path)  # the merged prefixes are what peft saves for a projection
+    ref.save_pretrained(tmp_path / "peft")
+    from safetensors.torch import load_file
+    assert_close(load_file(tmp_path / "adapter_model.safetensors")["prompt_embeddings"],
+                 load_file(tmp_path / "peft" / "adapter_model.safetensors")["prompt_embeddings"], what="file")
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_peftops_file_loads_in_peft(name, tmp_path):
+    ours, _ = pair(name)
+    am = mask("left")
+    peftops.save_adapter(ours, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(BUILDERS[name](), tmp_path)
+    assert_close(loaded(input_ids=IDS, attention_mask=am).logits, ours(input_ids=IDS, attention_mask=am).logits,
+                 what="logits")
+
+
+@pytest.mark.parametrize("name,projection", [("llama", False), ("gpt2", False), ("llama", True)])
+def test_peft_file_loads_in_peftops(name, projection, tmp_path):
+    _, ref = pair(name, projection)
+    ref.save_pretrained(tmp_path)
+    ours = peftops.load_adapter(peftops.patch(BUILDERS[name](), peftops.PrefixConfig(P)), tmp_path)
+    am = mask("right")
+    assert_close(ours(input_ids=IDS, attention_mask=am).logits, ref(input_ids=IDS, attention_mask=am).logits,
+                 what="logits")
+
+
+def _bad(tmp_path, what):
+    _, ref = pair("llama")
+    ref.save_pretrained(tmp_path)
+    cfg_file, st_file = tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"
+    cfg = json.loads(cfg_file.read_text())
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(st_file)
+    if what == "virtual tokens":
+        cfg["num_virtual_tokens"] = P + 1
+    elif what == "peft type":
+        cfg["peft_type"] = "LORA"
+    elif what == "shape":
+        os.remove(cfg_file)
+        tensors["prompt_embeddings"] = tensors["prompt_embeddings"][:, :-8].contiguous()
+    elif what == "extra key":
+        tensors["prefix_extra"] = torch.zeros(1)
+    if cfg_file.exists():
+        cfg_file.write_text(json.dumps(cfg))
+    save_file(tensors, st_file)
+
+
+@pytest.mark.parametrize("what,match", [("virtual tokens", "num_virtual_tokens"), ("peft type", "LORA"),
+                                        ("shape", "wrong shapes.*prompt_embeddings"), ("extra key", "prefix_extra")])
+def test_bad_files_error_and_leave_the_model_as_it_was(tmp_path, what, match):
+    _bad(tmp_path, what)
+    model = peftops.patch(tiny_llama(), peftops.PrefixConfig(P))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        peftops.load_adapter(model, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_projection_model_refuses_a_prefix_file(tmp_path):
+    _, ref = pair("llama")
+    ref.save_pretrained(tmp_path)
+    model = peftops.patch(tiny_llama(), peftops.PrefixConfig(P, prefix_projection=True))
+    with pytest.raises(ValueError, match="prefix_projection=False"):
+        peftops.load_adapter(model, tmp_path)
+
+
+def test_bert_matches_attention_over_the_concatenated_prefix():
+    # BERT (bidirectional, no position shift): the same layers computed with the prefix as explicit extra keys.
+    model = peftops.patch(tiny_bert(), peftops.PrefixConfig(P))
+    am = mask("right")
+    out = model(input_ids=IDS, attention_mask=am).last_hidden_state
+    st = state(model)
+
+    def eager_concat(module, q, k, v, attention_mask, scaling=None, **kwargs):
+        pk, pv = (t.expand(q.shape[0], -1, -1, -1) for t in pf.layer_prefix(module))
+        keys, values = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+        allowed = torch.cat([torch.ones(q.shape[0], P, dtype=torch.bool), am.bool()], 1)[:, None, None, :]
+        probs = ((q @ keys.transpose(-1, -2)) * scaling).masked_fill(~allowed, float("-inf")).softmax(-1)
+        return (probs @ values).transpose(1, 2).contiguous(), None
+
+    from transformers import AttentionInterface
+    AttentionInterface.register(pf.ATTN_NAME, eager_concat)
+    try:
+        expected = model(input_ids=IDS, attention_mask=am).last_hidden_state
+    finally:
+        pf.register()
+    assert len(st.attention_names) == 2
+    assert_close(out, expected, what="hidden states")
+
+
+def test_mask_that_is_not_padding_is_refused():
+    allowed = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()
+    allowed[0, 0, 3, 0] = False  # a sliding window: not causal + padding
+    with pytest.raises(ValueError, match="neither"):
+        pf._padding_and_causal(allowed, 1, 4, 4, True)
+    padding, causal = pf._padding_and_causal(torch.ones(1, 1, 4, 4, dtype=torch.bool).tril(), 2, 4, 4, True)
+    assert padding is None and causal
+
+
+@pytest.mark.parametrize("kwargs,field", [(dict(num_virtual_tokens=0), "num_virtual_tokens"),
+                                          (dict(prefix_projection=1), "prefix_projection"),
+                                          (dict(encoder_hidden_size=0), "encoder_hidden_size")])
+def test_bad_config_values(kwargs, field):
+    with pytest.raises(ValueError, match=rf"^{field}\b"):
+        peftops.PrefixConfig(**kwargs)
+
+
+def test_models_without_registry_attention_are_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="transformers models"):
+        peftops.patch(model, peftops.PrefixConfig(P))
+    assert model[0].weight.requires_grad
+
+
+@pytest.mark.slow
+def test_smollm2_matches_peft():
+    cache = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", ".cache", "smollm2-135m")
+    if not os.path.isfile(os.path.join(cache, "model.safetensors")):
+        pytest.skip("SmolLM2-135M is not cached (python demo/model_cache.py)")
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(cache)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                          num_virtual_tokens=20))
+    ours = peftops.patch(base, peftops.PrefixConfig(20))
+    with torch.no_grad():  # prefixes of the size of real keys and values (N(0, 1) would saturate attention)
+        for k, v in pf.prefixes(ours, state(ours)):
+            k.mul_(0.1)
+            v.mul_(0.1)
+        ref.prompt_encoder["default"].embedding.weight.copy_(pf.to_peft_layout(pf.prefixes(ours, state(ours))))
+    ids = torch.randint(1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    am = torch.ones_like(ids)
+    am[1, :5] = 0
+    assert_close(ours(input_ids=ids, attention_mask=am).logits, ref(input_ids=ids, attention_mask=am).logits, 1e-4,
+                 what="logits")
