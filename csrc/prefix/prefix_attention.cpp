@@ -10,6 +10,7 @@
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/exp.h>
@@ -99,34 +100,46 @@ Tensor visible_keys(const Shapes& s, const OptTensor& attn_mask, bool is_causal,
   return allowed.unsqueeze(2).expand({s.B, 1, s.G, s.L, s.S}).reshape({s.B, 1, s.G * s.L, s.S});
 }
 
+// Flash attention's own causal mode (top-left aligned) equals ours (aligned to the end) when L == S; it skips the
+// masked blocks instead of reading a dense mask. Usable when that is the only masking and each row of qg is one
+// query position (no grouped heads folded into the rows). CPU only: elsewhere the dense path masks explicitly.
+bool flash_causal(const Tensor& q, const Shapes& s, const OptTensor& attn_mask, bool is_causal) {
+  return q.is_cpu() && is_causal && !has(attn_mask) && s.L == s.S && s.G == 1;
+}
+
 // q as [B, Hkv, G * L, D]: a view (heads sharing a kv head are adjacent).
 Tensor grouped(const Tensor& q, const Shapes& s) { return q.reshape({s.B, s.Hkv, s.G * s.L, s.D}); }
 
-// a [B, Hkv, GL, X] times a per-kv-head matrix w -> [B, Hkv, GL, Y]. A shared prefix ([Hkv, X, Y]): the batch is
-// one [B * GL, X] x [X, Y] GEMM per kv head (a laid out head-major for it, w read as it is); a per-row prefix
-// ([B, Hkv, X, Y]): a batched GEMM.
-Tensor head_gemm(const Tensor& a, const Tensor& w, const Shapes& s) {
-  if (w.dim() == 4) return at::matmul(a, w);
-  const auto heads = a.transpose(0, 1).reshape({s.Hkv, s.B * s.G * s.L, a.size(-1)});
-  return at::bmm(heads, w).view({s.Hkv, s.B, s.G * s.L, w.size(-1)}).transpose(0, 1);
+// alpha * a w per kv head: a [B, Hkv, GL, X], w [Hkv, X, Y] shared by the batch (or [B, Hkv, X, Y] per row)
+// -> [B, Hkv, GL, Y]. A shared prefix is read as it is by one batched GEMM per batch row: no copy of it per row
+// and no relayout of a.
+Tensor head_gemm(const Tensor& a, const Tensor& w, const Shapes& s, double alpha = 1.0) {
+  auto out = at::empty({s.B, s.Hkv, s.G * s.L, w.size(-1)}, a.options());
+  for (int64_t b = 0; b < s.B; ++b) {
+    auto out_b = out[b];
+    at::baddbmm_out(out_b, out_b, a[b], w.dim() == 4 ? w[b] : w, 0.0, alpha);
+  }
+  return out;
 }
 
-// sum over the batch and the query rows of a^T b, per kv head: [Hkv, X, Y] (or [B, Hkv, X, Y] for a per-row prefix).
-Tensor head_reduce(const Tensor& a, const Tensor& b, const Shapes& s, bool per_row) {
-  if (per_row) return at::matmul(a.transpose(-1, -2), b);
-  const auto heads = [&](const Tensor& t) { return t.transpose(0, 1).reshape({s.Hkv, s.B * s.G * s.L, t.size(-1)}); };
-  return at::bmm(heads(a).transpose(1, 2), heads(b));
+// alpha * sum over the batch and the query rows of a^T c per kv head -> [Hkv, X, Y] ([B, Hkv, X, Y] per row):
+// the prefix gradients reduced over the batch inside the GEMMs' accumulation.
+Tensor head_reduce(const Tensor& a, const Tensor& c, const Shapes& s, bool per_row, double alpha = 1.0) {
+  if (per_row) return at::matmul(a.transpose(-1, -2), c).mul_(alpha);
+  auto out = at::zeros({s.Hkv, a.size(-1), c.size(-1)}, a.options());
+  for (int64_t b = 0; b < s.B; ++b) out.baddbmm_(a[b].transpose(1, 2), c[b], 1.0, alpha);
+  return out;
 }
 
 // Sequence segment: (o [B, Hkv, GL, D], lse [B, Hkv, GL] float, -inf where no key is visible).
 std::tuple<Tensor, Tensor> sequence_attention(const Tensor& qg, const Tensor& k, const Tensor& v, const Tensor& visible,
-                                              const Shapes& s) {
+                                              bool causal, const Shapes& s) {
   const auto acc = qg.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto bias = visible.defined() ? at::zeros(visible.sizes(), qg.options()).masked_fill_(visible.logical_not(), -kInf)
                                       : Tensor();
   Tensor o, lse;
   if (qg.is_cpu() && s.S > 0) {
-    std::tie(o, lse) = at::_scaled_dot_product_flash_attention_for_cpu(qg, k, v, 0.0, false,
+    std::tie(o, lse) = at::_scaled_dot_product_flash_attention_for_cpu(qg, k, v, 0.0, causal,
                                                                        bias.defined() ? OptTensor(bias) : std::nullopt,
                                                                        s.scale);
   } else {  // CUDA: the same math with the [GL, S] scores as a transient matrix
@@ -148,14 +161,16 @@ std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tenso
   const auto qg = grouped(q.contiguous(), s);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // prefix segment: every key visible
-  const auto z = head_gemm(qg.to(acc), pk.to(acc).transpose(-1, -2), s).mul_(s.scale);
-  const auto lse_p = at::logsumexp(z, {-1});
-  const auto o_p = head_gemm(at::exp(z.sub(lse_p.unsqueeze(-1))), pv.to(acc), s);
-  const auto [o_s, lse_s] = sequence_attention(qg, k.contiguous(), v.contiguous(), visible_keys(s, attn_mask, is_causal, q), s);
+  auto p = head_gemm(qg.to(acc), pk.to(acc).transpose(-1, -2), s, s.scale);
+  const auto lse_p = at::logsumexp(p, {-1});
+  const auto o_p = head_gemm(p.sub_(lse_p.unsqueeze(-1)).exp_(), pv.to(acc), s);
+  const bool causal = flash_causal(q, s, attn_mask, is_causal);
+  const auto visible = causal ? Tensor() : visible_keys(s, attn_mask, is_causal, q);
+  const auto [o_s, lse_s] = sequence_attention(qg, k.contiguous(), v.contiguous(), visible, causal, s);
   // merge by log-sum-exp; a segment with no visible key has lse = -inf and weight 0
   const auto lse = at::logaddexp(lse_p, lse_s);
-  const auto w_s = at::exp(lse_s.sub(lse)).unsqueeze(-1);
-  const auto o = at::exp(lse_p.sub(lse)).unsqueeze(-1).mul(o_p).add_(w_s.mul(o_s.to(acc)));
+  const auto o = o_p.mul_(at::exp(lse_p.sub(lse)).unsqueeze(-1))
+                     .addcmul_(at::exp(lse_s.sub(lse)).unsqueeze(-1), o_s.to(acc));
   return {o.to(q.scalar_type()).contiguous().view(q.sizes()), lse.contiguous().view({s.B, s.Hq, s.L})};
 }
 
@@ -171,12 +186,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
   // prefix segment: dz = p o (dO V_P^T - D) (scaled), its gradients reduced over the batch inside the GEMMs
   const bool per_row = pk.dim() == 4;
   const auto pk_acc = pk.to(acc), pv_acc = pv.to(acc), dog_acc = dog.to(acc), qg_acc = qg.to(acc);
-  const auto p = at::exp(head_gemm(qg_acc, pk_acc.transpose(-1, -2), s).mul_(s.scale).sub_(lse_g.unsqueeze(-1)));
-  const auto dz = p.mul(head_gemm(dog_acc, pv_acc.transpose(-1, -2), s).sub_(delta)).mul_(s.scale);
-  const auto dpv = head_reduce(p, dog_acc, s, per_row), dpk = head_reduce(dz, qg_acc, s, per_row);
-  auto dq = head_gemm(dz, pk_acc, s).contiguous();  // [B, Hkv, GL, D]
+  const auto p = head_gemm(qg_acc, pk_acc.transpose(-1, -2), s, s.scale).sub_(lse_g.unsqueeze(-1)).exp_();
+  const auto dz = head_gemm(dog_acc, pv_acc.transpose(-1, -2), s).sub_(delta).mul_(p);
+  const auto dpv = head_reduce(p, dog_acc, s, per_row), dpk = head_reduce(dz, qg_acc, s, per_row, s.scale);
+  auto dq = head_gemm(dz, pk_acc, s, s.scale);  // [B, Hkv, GL, D]
   // sequence segment
-  const auto visible = visible_keys(s, attn_mask, is_causal, q);
+  const bool causal = flash_causal(q, s, attn_mask, is_causal);
+  const auto visible = causal ? Tensor() : visible_keys(s, attn_mask, is_causal, q);
   Tensor dk, dv;
   if (s.S == 0) {
     dk = at::zeros(k.sizes(), k.options()), dv = at::zeros(v.sizes(), v.options());
@@ -186,7 +202,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
     // ATen's flash backward with the merged output and LSE: exactly the sequence keys' share of the gradients
     // (a row whose sequence keys are all masked gets lse from the prefix alone, so its probabilities are 0).
     auto [dq_s, dk_s, dv_s] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-        dog, qg, k.contiguous(), v.contiguous(), og, lse_g, 0.0, false,
+        dog, qg, k.contiguous(), v.contiguous(), og, lse_g, 0.0, causal,
         bias.defined() ? OptTensor(bias) : std::nullopt, s.scale);
     dq.add_(dq_s.to(acc));
     dk = dk_s, dv = dv_s;

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU check: on a machine with an NVIDIA GPU (no network needed), from a clean checkout:
+#   bash benches/gpu_check.sh
+# builds peftops in place from source (an extension built elsewhere does not load there), runs the CUDA tests
+# and the CUDA benches, and writes logs, the bench JSON, its table and its plot under $OUT (or
+# bench-results/gpu-check/ when OUT is unset). Each step has its own timeout; the whole stays under ~7 minutes.
+# Exits non-zero if any step failed, after running the others.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+RES=${OUT:-bench-results/gpu-check}
+mkdir -p "$RES"
+export PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16}
+failed=()
+t_start=$SECONDS
+
+step() {  # step NAME SECONDS LOG CMD...: runs CMD under a timeout, output to LOG and stdout
+  local name=$1 limit=$2 log=$3; shift 3
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s)" | tee -a "$log"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$log"
+  [ "$rc" -eq 0 ] || failed+=("$name(rc=$rc)")
+  return "$rc"
+}
+
+{
+  date -u; nvidia-smi || true; nvcc --version | tail -2 || true
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+  "$PY" -c "import transformers, peft; print('transformers', transformers.__version__, 'peft', peft.__version__)" || true
+} > "$RES/env.txt" 2>&1
+cat "$RES/env.txt"
+
+# 1. Build in place (only this machine's build may be loaded: drop any library that travelled here).
+rm -f peftops/_C*.so
+step build 300 "$RES/build.log" env PEFTOPS_CUDA="${PEFTOPS_CUDA:-1}" "$PY" setup.py build_ext --inplace
+"$PY" -c "import peftops; print(peftops.backends())" 2>&1 | tee -a "$RES/build.log" "$RES/env.txt"
+
+# 2. The CUDA tests (CUDA-parametrized tests and the cupy DLPack check).
+step tests 240 "$RES/tests.log" "$PY" -m pytest tests -m cuda -q -rs
+
+# 3. The CUDA benches (every family's), their table and one plot per family. $OUT returns at most 8 files:
+#    env.txt, build.log, tests.log, bench.log, bench-cuda.json, bench-cuda.md leave room for two plots.
+step benches 180 "$RES/bench.log" "$PY" -m pytest benches -m cuda --benchmark-only -q \
+  --benchmark-json="$RES/bench-cuda.json" --benchmark-columns=median,iqr,rounds
+if [ -s "$RES/bench-cuda.json" ]; then
+  "$PY" tools/bench_table.py "$RES/bench-cuda.json" | tee "$RES/bench-cuda.md"
+  "$PY" tools/plot_benchmarks.py "$RES/bench-cuda.json" --target 1.1 -o "$RES" || failed+=("plot")
+fi
+
+# 4. The CMake target with CUDA, if time is left (it compiles the same sources again).
+if [ $((SECONDS - t_start)) -lt 330 ]; then
+  step cmake 120 "$RES/build.log" bash -c "cmake -S . -B build-cmake-cuda -G Ninja -DPEFTOPS_CUDA=ON \
+    -DPython3_EXECUTABLE=$(command -v "$PY") && cmake --build build-cmake-cuda -j $MAX_JOBS && \
+    $PY -c \"import torch; torch.ops.load_library('build-cmake-cuda/libpeftops.so'); print(torch.ops.peftops._build_info())\""
+fi
+
+echo "gpu_check: $((SECONDS - t_start))s; results in $RES; failed: ${failed[*]:-none}"
+[ ${#failed[@]} -eq 0 ]
