@@ -28,9 +28,12 @@ def want_cuda():
 
 def extension():
     srcs = build_config.sources()
-    cxx = ["-O3"] + build_config.cpu_flags()
+    # ATen's at::parallel_for is an OpenMP pragma in its headers: without -fopenmp our CPU loops run on one thread.
+    cxx = ["-O3", "-fopenmp"] + build_config.cpu_flags()
+    link = ["-fopenmp"]
     if not want_cuda():
-        return CppExtension("peftops._C", srcs["cpu"], include_dirs=["csrc"], extra_compile_args={"cxx": cxx})
+        return CppExtension("peftops._C", srcs["cpu"], include_dirs=["csrc"], extra_compile_args={"cxx": cxx},
+                            extra_link_args=link)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
@@ -40,7 +43,8 @@ def extension():
     defines = ["-DPEFTOPS_WITH_CUDA", f'-DPEFTOPS_CUDA_ARCHS="{archs}"']
     return CUDAExtension("peftops._C", srcs["cpu"] + srcs["cuda"],
                          include_dirs=["csrc"] + build_config.nvidia_include_dirs(),
-                         extra_compile_args={"cxx": cxx + defines, "nvcc": ["-O3"] + defines})
+                         extra_compile_args={"cxx": cxx + defines, "nvcc": ["-O3"] + defines},
+                         extra_link_args=link)
 
 
 setup(  # name, version and packages: pyproject.toml

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../common/cpu/row_pass.h"
+#include "../common/dropout.h"
 #include "../common/philox.h"
 
 namespace peftops {
@@ -36,30 +37,11 @@ static at::Tensor dropout_keep_mask_cpu(c10::IntArrayRef size, double p, const a
 
 // mask o x / (1 - p) with the mask of `seed`, indexed as x's row-major elements: what every op with dropout
 // regenerates, for compositions that need the dropped input itself (transiently, never saved).
-static at::Tensor dropout_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
+static at::Tensor dropout(const at::Tensor& x, double p, const at::Tensor& seed) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout: p must be in [0, 1), got ", p);
-  Dropout d;
-  d.active = p > 0.0;
-  d.seed = static_cast<uint64_t>(seed.item<int64_t>());
-  d.threshold = dropout_threshold(p);
-  d.keep_scale = 1.0 / (1.0 - p);
-  const auto xc = x.contiguous();
-  auto y = at::empty_like(xc, at::MemoryFormat::Contiguous);
-  const int64_t K = x.dim() ? x.size(-1) : 1, N = K ? x.numel() / K : 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> row(K), keep(K, acc_t(1));
-      for (int64_t n = begin; n < end; ++n) {
-        at::vec::convert(xp + n * K, row.data(), K);
-        if (d.active) cpu::row_keep(d, n, K, keep.data());
-        for (int64_t k = 0; k < K; ++k) row[k] *= keep[k];
-        at::vec::convert(row.data(), yp + n * K, K);
-      }
-    });
-  });
+  const auto x2 = x.contiguous().view({-1, x.dim() ? x.size(-1) : 1});
+  auto y = at::empty_like(x2, at::MemoryFormat::Contiguous);
+  dropout_apply(x2, y, seed, p, /*accumulate=*/false);
   return y.view(x.sizes());
 }
 
@@ -70,7 +52,9 @@ TORCH_LIBRARY_FRAGMENT(peftops, m) {
 
 TORCH_LIBRARY_IMPL(peftops, CPU, m) {
   m.impl("dropout_keep_mask", &dropout_keep_mask_cpu);
-  m.impl("dropout", &dropout_cpu);
+  m.impl("dropout", &dropout);
 }
+
+TORCH_LIBRARY_IMPL(peftops, CUDA, m) { m.impl("dropout", &dropout); }
 
 }  // namespace peftops

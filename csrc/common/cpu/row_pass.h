@@ -32,9 +32,10 @@ constexpr int64_t chunk() { return 2 * at::vec::Vectorized<acc_t>::size(); }
 template <typename acc_t>
 int64_t padded_rank(int64_t r) { return (r + chunk<acc_t>() - 1) / chunk<acc_t>() * chunk<acc_t>(); }
 
-// The Philox words of blocks g0 .. g0 + groups - 1, word j of block g at w[j][g]. With AVX2, eight blocks per
-// register in 32-bit lanes (mulhi from two even/odd mul_epu32), bit-identical to philox4x32_10; the rest scalar.
-inline void philox_blocks(uint64_t g0, uint64_t groups, uint64_t offset, uint64_t seed, uint32_t* const w[4]) {
+// The Philox words of blocks g0 .. g0 + groups - 1 in element order (word j of block g at w[4 g + j]). With AVX2,
+// eight blocks per register in 32-bit lanes (mulhi from two even/odd mul_epu32), transposed back to element order
+// in registers; bit-identical to philox4x32_10. The rest scalar.
+inline void philox_blocks(uint64_t g0, uint64_t groups, uint64_t offset, uint64_t seed, uint32_t* w) {
   uint64_t g = 0;
 #ifdef __AVX2__
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u)), m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
@@ -62,32 +63,35 @@ inline void philox_blocks(uint64_t g0, uint64_t groups, uint64_t offset, uint64_
       c1 = lo1, c3 = lo0;
       k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
     }
-    const __m256i words[4] = {c0, c1, c2, c3};
-    for (int j = 0; j < 4; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(w[j] + g), words[j]);
+    // 4 x 8 transpose: register j holds word j of blocks 0..7; out holds blocks 2i, 2i + 1 in element order
+    const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
+    const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
+    const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+    const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+    __m256i* out = reinterpret_cast<__m256i*>(w + 4 * g);
+    _mm256_storeu_si256(out, _mm256_permute2x128_si256(u0, u1, 0x20));
+    _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(u2, u3, 0x20));
+    _mm256_storeu_si256(out + 2, _mm256_permute2x128_si256(u0, u1, 0x31));
+    _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
   }
 #endif
   for (; g < groups; ++g) {
     const Philox4 b = philox4x32_10(g0 + g, offset, seed);
-    w[0][g] = b.w0, w[1][g] = b.w1, w[2][g] = b.w2, w[3][g] = b.w3;
+    w[4 * g] = b.w0, w[4 * g + 1] = b.w1, w[4 * g + 2] = b.w2, w[4 * g + 3] = b.w3;
   }
 }
 
 // keep[k] = dropout scale of element (row, k) of a [rows, cols] matrix: 0 or 1/(1-p).
 template <typename acc_t>
 void row_keep(const Dropout& d, int64_t row, int64_t cols, acc_t* keep) {
-  const uint64_t first = static_cast<uint64_t>(row) * static_cast<uint64_t>(cols), last = first + cols;
-  const uint64_t g0 = first >> 2, groups = ((last + 3) >> 2) - g0;
+  const uint64_t first = static_cast<uint64_t>(row) * static_cast<uint64_t>(cols);
+  const uint64_t g0 = first >> 2, groups = ((first + cols + 3) >> 2) - g0;
   thread_local std::vector<uint32_t> words;
   words.resize(4 * groups);
-  uint32_t* const w[4] = {words.data(), words.data() + groups, words.data() + 2 * groups, words.data() + 3 * groups};
-  philox_blocks(g0, groups, d.offset, d.seed, w);
+  philox_blocks(g0, groups, d.offset, d.seed, words.data());
   const auto scale = static_cast<acc_t>(d.keep_scale);
-  for (uint64_t g = 0; g < groups; ++g) {
-    for (uint64_t j = 0; j < 4; ++j) {
-      const uint64_t e = 4 * (g0 + g) + j;
-      if (e >= first && e < last) keep[e - first] = w[j][g] >= d.threshold ? scale : acc_t(0);
-    }
-  }
+  const uint32_t* mine = words.data() + (first & 3);
+  for (int64_t k = 0; k < cols; ++k) keep[k] = mine[k] >= d.threshold ? scale : acc_t(0);
 }
 
 // dst[0:n] += add[0:n], converting through the accumulation type.

@@ -105,21 +105,8 @@ void dropout_apply(const at::Tensor& src, at::Tensor& dst, const std::optional<a
   });
 }
 
-namespace {
-
-at::Tensor dropout_cuda(const at::Tensor& x, double p, const at::Tensor& seed) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout: p must be in [0, 1), got ", p);
-  const auto x2 = x.contiguous().view({-1, x.dim() ? x.size(-1) : 1});
-  auto y = at::empty_like(x2, at::MemoryFormat::Contiguous);
-  dropout_apply(x2, y, seed, p, /*accumulate=*/false);
-  return y.view(x.sizes());
-}
-
-}  // namespace
-
 TORCH_LIBRARY_IMPL(peftops, CUDA, m) {
   m.impl("dropout_keep_mask", &dropout_keep_mask_cuda);
-  m.impl("dropout", &dropout_cuda);
 }
 
 }  // namespace peftops::cuda

@@ -1,0 +1,54 @@
+// The device dispatch of the shared dropout, and its CPU kernel.
+#include "dropout.h"
+
+#include <ATen/Dispatch.h>
+
+#include "cpu/row_pass.h"
+#ifdef PEFTOPS_WITH_CUDA
+#include "cuda/dropout_kernels.h"
+#endif
+
+namespace peftops {
+
+void dropout_apply(const at::Tensor& src, at::Tensor& dst, const std::optional<at::Tensor>& seed, double p,
+                   bool accumulate) {
+  TORCH_CHECK(src.dim() == 2 && dst.sizes() == src.sizes() && src.stride(1) == 1 && dst.stride(1) == 1 &&
+                  src.scalar_type() == dst.scalar_type(),
+              "dropout_apply: expects two 2-D matrices of one shape and dtype with unit column stride");
+  if (src.is_cuda()) {
+#ifdef PEFTOPS_WITH_CUDA
+    return cuda::dropout_apply(src, dst, seed, p, accumulate);
+#else
+    TORCH_CHECK(false, "peftops was built without CUDA kernels");
+#endif
+  }
+  Dropout d;
+  d.active = p > 0.0 && seed.has_value() && seed->defined();
+  if (d.active) {
+    d.seed = static_cast<uint64_t>(seed->item<int64_t>());
+    d.threshold = dropout_threshold(p);
+    d.keep_scale = 1.0 / (1.0 - p);
+  }
+  const int64_t N = src.size(0), K = src.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "dropout_apply_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* sp = src.const_data_ptr<scalar_t>();
+    scalar_t* dp = dst.data_ptr<scalar_t>();
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> row(K), keep(K, acc_t(1)), base(accumulate ? K : 0);
+      for (int64_t n = begin; n < end; ++n) {
+        at::vec::convert(sp + n * src.stride(0), row.data(), K);
+        if (d.active) cpu::row_keep(d, n, K, keep.data());
+        if (accumulate) {
+          at::vec::convert(dp + n * dst.stride(0), base.data(), K);
+          for (int64_t k = 0; k < K; ++k) row[k] = base[k] + keep[k] * row[k];
+        } else {
+          for (int64_t k = 0; k < K; ++k) row[k] *= keep[k];
+        }
+        at::vec::convert(row.data(), dp + n * dst.stride(0), K);
+      }
+    });
+  });
+}
+
+}  // namespace peftops

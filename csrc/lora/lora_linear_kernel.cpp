@@ -1,0 +1,98 @@
+// LoRA forward and backward, one implementation for CPU and CUDA (KERNELS.md, "LoRA"). Every product goes to the
+// vendor GEMM (MKL / oneDNN, cuBLAS) with float32 accumulation; the rank-r products are skinny GEMMs the vendor
+// libraries already run at memory speed, and measured faster than hand-written passes (BENCHMARKS.md). What is
+// fused around them:
+//   - the up-projection is added into the base GEMM's output in place (one addmm_), the bias in its epilogue;
+//   - dropout is the shared counter-based Philox (common/dropout.h), applied to a transient copy of x that is
+//     never kept, regenerated from the seed in backward, and fused into the accumulation of the LoRA part of dx;
+//   - backward never forms the frozen weight's gradient; dx = dy W + (mask o) u A accumulates in place;
+//   - saved for backward: x itself and the rank-r t = dropout(x) A^T, nothing else.
+#include <ATen/core/Tensor.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include "../common/dropout.h"
+#include "lora_linear.h"
+
+namespace peftops::lora {
+namespace {
+
+bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+// dropout(x) as a transient matrix (x itself when dropout is off).
+at::Tensor dropped(const at::Tensor& x2, double dropout_p, const std::optional<at::Tensor>& seed) {
+  if (dropout_p <= 0.0 || !has(seed)) return x2;
+  const auto src = unit_column_stride(x2);
+  auto dst = at::empty_like(src, at::MemoryFormat::Contiguous);
+  dropout_apply(src, dst, seed, dropout_p, /*accumulate=*/false);
+  return dst;
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_forward_kernel(const at::Tensor& x, const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& bias,
+                                                              const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                              double scale, double dropout_p,
+                                                              const std::optional<at::Tensor>& seed) {
+  check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p);
+  c10::OptionalDeviceGuard guard(x.device());
+  const auto x2 = as_rows(x);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = weight.size(0);
+  auto y = has(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  const auto t = at::mm(dropped(x2, dropout_p, seed), lora_a.t());
+  y.addmm_(t, lora_b.t(), 1.0, scale);  // the up-projection added into the output in place
+  return {y.view(out_shape), t.to(at::toOpMathType(x.scalar_type()))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_kernel(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& t, double scale, double dropout_p,
+    const std::optional<at::Tensor>& seed, std::array<bool, 4> output_mask) {
+  const auto [need_x, need_a, need_b, need_bias] = output_mask;
+  c10::OptionalDeviceGuard guard(x.device());
+  const auto x2 = as_rows(x);
+  const auto dy = as_rows(grad_out);
+  TORCH_CHECK_VALUE(dy.size(0) == x2.size(0) && dy.size(1) == weight.size(0), "lora_linear_backward: grad_out has shape ",
+                    grad_out.sizes(), ", expected [..., ", weight.size(0), "] with ", x2.size(0), " rows");
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == x2.size(0) && t.size(1) == lora_a.size(0),
+                    "lora_linear_backward: t must be [", x2.size(0), ", ", lora_a.size(0), "]");
+  // Masked-off gradients come back as distinct empty tensors (outputs must not alias).
+  const auto empty = [&] { return at::empty({0}, x.options()); };
+  at::Tensor dx = empty(), da = empty(), db = empty(), dbias = empty();
+  const auto u = at::mm(dy, lora_b).mul_(scale);  // [N, r]
+  if (need_b) db = at::mm(dy.t(), t.to(x.scalar_type())).mul_(scale);
+  if (need_bias) dbias = dy.sum(0);
+  if (need_a) da = at::mm(u.t(), dropped(x2, dropout_p, seed));  // the mask regenerated, never stored
+  if (need_x) {
+    dx = at::mm(dy, weight);  // the frozen weight's gradient is never formed
+    if (dropout_p > 0.0 && has(seed)) {
+      dropout_apply(at::mm(u, lora_a), dx, seed, dropout_p, /*accumulate=*/true);  // dx += mask o (u A) / (1 - p)
+    } else {
+      dx.addmm_(u, lora_a);
+    }
+    dx = dx.view(x.sizes());
+  }
+  return {dx, da, db, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peftops, CPU, m) {
+  m.impl("lora_linear_forward", &lora_linear_forward_kernel);
+  m.impl("lora_linear_backward", &lora_linear_backward_kernel);
+}
+
+TORCH_LIBRARY_IMPL(peftops, CUDA, m) {
+  m.impl("lora_linear_forward", &lora_linear_forward_kernel);
+  m.impl("lora_linear_backward", &lora_linear_backward_kernel);
+}
+
+}  // namespace peftops::lora
