@@ -1,6 +1,8 @@
 """What each spawned rank runs in test_distributed.py (module level, so that spawn can import it). Every rank
 trains on its slice of the global batch, seeded SEED + rank (see lora_training.py), and saves what the test
-checks to `out/<kind>-rank<r>.pt`; the assertions run in the test process, with the one-process reference."""
+checks to `out/<kind>-rank<r>.pt`, keyed by case `(technique, dropout)`: every case runs in the same spawned
+ranks, one after the other (one spawn per kind). The assertions run in the test process, with the one-process
+reference."""
 import os
 
 import torch
@@ -24,17 +26,17 @@ def _train(model, params, rank, world):
     return grads
 
 
-def ddp(rank, world, out, dropouts):
+def ddp(rank, world, out, cases):
     result = {}
-    for dropout in dropouts:
-        model = patched_llama(dropout)
+    for technique, dropout in cases:
+        model = patched_llama(dropout, technique)
         ddp_model = DDP(model)
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         # What the reducer all-reduces: the parameters it was built over, and the bytes of its buckets.
         reducer_params, _ = ddp_model._build_params_for_reducer()
         logging = ddp_model._get_ddp_logging_data()
         grads = _train(ddp_model, list(model.named_parameters()), rank, world)
-        result[dropout] = dict(state=full_state(model), trainable=trainable, with_grad=sorted(grads),
+        result[technique, dropout] = dict(state=full_state(model), trainable=trainable, with_grad=sorted(grads),
                                reducer_numel=sum(p.numel() for p in reducer_params),
                                reducer_count=len(reducer_params),
                                bucket_bytes=logging.get("total_parameter_size_bytes"))
@@ -50,19 +52,19 @@ def _fully_shard(model, **kwargs):
     fully_shard(model, **kwargs)
 
 
-def fsdp2(rank, world, out, dropouts):
+def fsdp2(rank, world, out, cases):
     from torch.distributed.fsdp import MixedPrecisionPolicy
     result = {}
-    for dropout in dropouts:
-        model = patched_llama(dropout)
+    for technique, dropout in cases:
+        model = patched_llama(dropout, technique)
         _fully_shard(model)
         params = list(model.named_parameters())
         grads = _train(model, params, rank, world)
-        result[dropout] = dict(state=full_state(model), with_grad=sorted(grads), local_numel=grads,
+        result[technique, dropout] = dict(state=full_state(model), with_grad=sorted(grads), local_numel=grads,
                                full_numel={n: p.numel() for n, p in params},
                                is_dtensor=all(type(p).__name__ == "DTensor" for _, p in params))
     # bf16 compute (FSDP2 casts the gathered parameters; gradients reduced in float32): the ops take bf16 as given.
-    model = patched_llama(max(dropouts))
+    model = patched_llama(max(d for t, d in cases if t == "lora"))
     _fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
     _train(model, list(model.named_parameters()), rank, world)
     result["bf16"] = dict(state=full_state(model))

@@ -1,10 +1,14 @@
-"""A few AdamW steps of a patched tiny Llama (LoRA with dropout), shared by the distributed, compile and
+"""A few AdamW steps of a patched tiny Llama (LoRA with dropout, or another technique: see TECHNIQUES), shared by the distributed, compile and
 checkpointing tests, and the one-process reference that distributed runs must reproduce.
 
 Seeds: `lora_linear` draws one dropout seed per call from torch's default generator, so rank r, seeded with
 SEED + r, draws its own masks. The reference replays them: it runs the full batch as one micro-batch per rank,
 each under that rank's generator state, and accumulates the gradient (the mean of the halves' mean losses is the
-full batch's mean loss). Without dropout no state is involved and the reference is one full-batch forward."""
+full batch's mean loss). Without dropout no state is involved and the reference is one full-batch forward; the
+techniques other than LoRA run without dropout (DoRA takes LoRA's dropout, but the tests keep it at 0; IA3, prefix
+tuning and bottleneck adapters have none). BitFit does not apply to Llama (no biases)."""
+import math
+
 import torch
 
 import peftops
@@ -14,9 +18,34 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SEED, STEPS, BATCH, SEQ = 1234, 3, 4, 8
 
 
-def patched_llama(dropout=0.1):
-    model = peftops.patch(tiny_llama(), peftops.LoraConfig(r=8, alpha=16, dropout=dropout, target_modules=TARGETS))
+TECHNIQUES = ("lora", "dora", "ia3", "prefix", "adapter")
+
+
+def _config(technique, dropout):
+    if technique in ("lora", "dora"):
+        return peftops.LoraConfig(r=8, alpha=16, dropout=dropout, target_modules=TARGETS, use_dora=technique == "dora")
+    assert dropout == 0.0, f"{technique} has no dropout"
+    if technique == "ia3":
+        return peftops.IA3Config()  # k_proj, v_proj, down_proj
+    if technique == "prefix":
+        return peftops.PrefixConfig(num_virtual_tokens=4)  # per-layer key/value prefixes, already random at init
+    if technique == "adapter":
+        return peftops.AdapterConfig(bottleneck=8, placement="houlsby")
+    raise ValueError(technique)
+
+
+def patched_llama(dropout=0.1, technique="lora"):
+    model = peftops.patch(tiny_llama(), _config(technique, dropout))
     randomize_lora(model)  # lora_B starts at zero: without this, lora_A's first gradient would be exactly zero
+    # Likewise: ia3 vectors start at ones (identity) and an adapter's up-projection at zero (its down-projection
+    # would get no gradient).
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".ia3_l"):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bottleneck_adapter.up"):
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
     return model.train()
 
 
@@ -32,11 +61,11 @@ def lm_loss(model, ids):
     return model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
-def reference(dropout, world=2, seeds=None):
+def reference(dropout, world=2, seeds=None, technique="lora"):
     """One process over the full batch; returns the trained model (the global generator is left as it was).
     `seeds[r]` seeds micro-batch r (default SEED + r, as rank r)."""
     saved = torch.get_rng_state()
-    model = patched_llama(dropout)
+    model = patched_llama(dropout, technique)
     opt = optimizer(model)
     states = []
     for seed in seeds or [SEED + r for r in range(world)]:

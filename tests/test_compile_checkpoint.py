@@ -1,11 +1,24 @@
-"""torch.compile(fullgraph=True) on every decoder block of a patched tiny Llama (no graph breaks from our ops,
-same loss and LoRA gradients as eager), and activation checkpointing: with dropout on, the recomputed forward
+"""torch.compile(fullgraph=True) on every decoder block of a patched tiny Llama, for LoRA (dropout 0.1) and each
+other technique (DoRA, IA3, prefix tuning, bottleneck adapters; no dropout): no graph breaks from our ops, same loss
+and trainable gradients as eager. And activation checkpointing: with dropout on, the recomputed forward
 draws the same dropout seeds as the first (torch.utils.checkpoint restores the generator state), so gradients
 equal those without checkpointing."""
 import pytest
 import torch
 
-from lora_training import batches, lm_loss, patched_llama
+from lora_training import TECHNIQUES, batches, lm_loss, patched_llama
+
+# technique -> (dropout, our op's name, how many calls of it one decoder block makes)
+OPS = {"lora": (0.1, "lora_linear", 7), "dora": (0.0, "dora_linear", 7),
+       "ia3": (0.0, "ia3_linear", 3),  # k_proj, v_proj, down_proj
+       "prefix": (0.0, "prefix_attention", 1), "adapter": (0.0, "adapter_bottleneck", 2)}  # houlsby: attn + mlp
+# Bottleneck adapters' patched forward calls the sublayer's original forward through
+# `types.MethodType(type(module).forward, module)` (peftops/patch/forwards.py, `original_forward`), which Dynamo
+# cannot trace ("Dynamo does not know how to trace the function `<class 'method'>`", gb0147): one graph break per
+# adapted sublayer (4 per block, 5 graphs). Strict, so the fix shows up as XPASS.
+ADAPTER_BREAK = pytest.mark.xfail(strict=True, reason="graph break: types.MethodType in peftops.patch.forwards."
+                                                     "original_forward (bottleneck adapters' forward), gb0147")
+TECHNIQUE_PARAMS = [pytest.param(t, marks=ADAPTER_BREAK) if t == "adapter" else t for t in TECHNIQUES]
 
 
 def _loss_and_grads(model, ids, seed=5):
@@ -28,9 +41,11 @@ def _block_inputs(model, ids):
     return seen
 
 
-def test_blocks_have_no_graph_breaks():
+@pytest.mark.parametrize("technique", TECHNIQUE_PARAMS)
+def test_blocks_have_no_graph_breaks(technique):
     torch._dynamo.reset()
-    model = patched_llama(0.1)
+    dropout, op_name, op_count = OPS[technique]
+    model = patched_llama(dropout, technique)
     ids = batches()[0]
     for i, (block, (args, kwargs)) in enumerate(zip(model.model.layers, _block_inputs(model, ids))):
         explanation = torch._dynamo.explain(block)(*args, **kwargs)
@@ -38,20 +53,23 @@ def test_blocks_have_no_graph_breaks():
         assert explanation.graph_count == 1, i
         # Our op is in the captured graph (not run outside it, which a silent fallback would do).
         ops = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
-        assert sum("peftops" in op or "lora_linear" in op for op in ops) == 7, (i, ops)
+        assert sum(op_name in op for op in ops) == op_count, (i, ops)
 
 
-def test_compiled_blocks_match_eager(monkeypatch):
+@pytest.mark.parametrize("technique", TECHNIQUE_PARAMS)
+def test_compiled_blocks_match_eager(monkeypatch, technique):
     """Inductor, fullgraph per block. `fallback_random` makes inductor draw random numbers through torch's
     generator as eager does, so our op gets the same dropout seeds and the comparison holds with dropout on
     (without it, training is just as valid but the masks are other draws)."""
     torch._dynamo.reset()
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-    model = patched_llama(0.1)
+    dropout = OPS[technique][0]
+    model = patched_llama(dropout, technique)
     ids = batches()[0]
     loss, grads = _loss_and_grads(model, ids)
-    other_seed, _ = _loss_and_grads(model, ids, seed=6)
-    assert (other_seed - loss).abs() > 1e-4  # dropout is live: the comparison below depends on the masks
+    if dropout:
+        other_seed, _ = _loss_and_grads(model, ids, seed=6)
+        assert (other_seed - loss).abs() > 1e-4  # dropout is live: the comparison below depends on the masks
     for block in model.model.layers:
         block.compile(fullgraph=True)  # a graph break here would raise
     loss_c, grads_c = _loss_and_grads(model, ids)

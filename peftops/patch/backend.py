@@ -4,7 +4,6 @@ backend_mixed.py); IA3 layers through ops.ia3_linear (see backend_ia3.py).
 
 Only the layers' `forward` is replaced, per instance and reversibly; parameters, names, state dict keys and peft's
 API stay peft's. What the fused op does not cover runs peft's own forward, with one warning per reason."""
-import types
 import warnings
 
 import torch
@@ -12,8 +11,8 @@ from torch import nn
 
 from .. import ops
 from ..layers.lora import base_weight, conv1d_class
+from .forwards import is_replaced, original_forward, replace_forward, restore_forward
 
-_SAVED = "_peftops_saved_forward"  # the instance's own forward before patching (None: the class's)
 _WARNED = "_peftops_warned"  # the set of fallback reasons already warned about, shared by one patch call
 
 
@@ -26,8 +25,7 @@ def is_peft_model(model) -> bool:
 
 
 def _peft_forward(module):
-    saved = module.__dict__[_SAVED]
-    return saved if saved is not None else types.MethodType(type(module).forward, module)
+    return original_forward(module)
 
 
 def _plain_base(base: nn.Module) -> bool:
@@ -150,10 +148,9 @@ def patch_peft(model) -> nn.Module:
     uncovered = set()
     for module in model.modules():
         if isinstance(module, Linear) and type(module).forward is Linear.forward:
-            if _SAVED not in module.__dict__:
-                module.__dict__[_SAVED] = module.__dict__.get("forward")
+            if not is_replaced(module):
                 module.__dict__[_WARNED] = warned
-                module.forward = types.MethodType(fused, module)
+                replace_forward(module, fused)
         elif isinstance(module, Layer):
             uncovered.add(type(module).__name__)
     if uncovered and "layer types" not in warned:
@@ -163,19 +160,15 @@ def patch_peft(model) -> nn.Module:
 
 
 def is_patched_peft(model) -> bool:
-    return any(_SAVED in m.__dict__ for m in model.modules())
+    return any(is_replaced(m) for m in model.modules())
 
 
 def unpatch_peft(model) -> nn.Module:
     for module in model.modules():
-        if _SAVED in module.__dict__:
-            saved = module.__dict__.pop(_SAVED)
+        if is_replaced(module):
+            restore_forward(module)
             del module.__dict__[_WARNED]
             module.__dict__.pop(STACK_CACHE, None)
-            if saved is None:
-                del module.forward
-            else:
-                module.forward = saved
     return model
 
 

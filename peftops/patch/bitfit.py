@@ -9,7 +9,6 @@ dict keys are the model's own and unpatch restores the instance's previous forwa
   GPT-2 entirely: its residual add sits in `GPT2Block.forward`, which would have to be rewritten (and differs across
   transformers versions) to fuse it, so GPT-2's `c_proj` layers keep torch's dropout after `bias_linear`.
 A call the ops cannot compute exactly (trainable weight, dtype mismatch, extra arguments) runs the original forward."""
-import types
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -19,8 +18,8 @@ from .. import ops
 from ..config import BitFitConfig
 from ..layers.lora import base_weight, conv1d_class
 from .adapter import STATE_ATTR, check_unpatched
+from .forwards import is_replaced, original_forward, replace_forward, restore_forward
 
-_SAVED = "_peftops_bitfit_forward"  # the instance's forward before patching (None: the class's)
 
 
 @dataclass
@@ -32,14 +31,9 @@ class BitFitState:
     trainable: list  # names of the parameters BitFit trains (the keys of its adapter file)
 
 
-def _original(module):
-    saved = module.__dict__[_SAVED]
-    return saved if saved is not None else types.MethodType(type(module).forward, module)
-
-
 def _bias_linear_forward(self, x, *args, **kwargs):
     if args or kwargs or self.weight.requires_grad or x.dtype != self.weight.dtype:
-        return _original(self)(x, *args, **kwargs)
+        return original_forward(self)(x, *args, **kwargs)
     return ops.bias_linear(x, base_weight(self), self.bias)
 
 
@@ -47,7 +41,7 @@ def _output_forward(self, hidden_states, input_tensor, *args, **kwargs):
     dense, drop = self.dense, self.dropout
     if args or kwargs or dense.weight.requires_grad or not (hidden_states.dtype == input_tensor.dtype ==
                                                              dense.weight.dtype == dense.bias.dtype):
-        return _original(self)(hidden_states, input_tensor, *args, **kwargs)
+        return original_forward(self)(hidden_states, input_tensor, *args, **kwargs)
     # The bias is left out of the matmul: bias_dropout_add adds it, so its gradient is reduced in its backward.
     h = ops.bias_dropout_add(F.linear(hidden_states, dense.weight), dense.bias, input_tensor, drop.p,
                              training=drop.training)
@@ -68,7 +62,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def _plain(module: nn.Module, forward) -> bool:
-    return type(module).forward is forward and _SAVED not in module.__dict__
+    return type(module).forward is forward and not is_replaced(module)
 
 
 def _plan(model: nn.Module):
@@ -108,8 +102,7 @@ def patch_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> n
     for names, forward in ((fused, _output_forward), (linear, _bias_linear_forward)):
         for name in names:
             module = model.get_submodule(name)
-            module.__dict__[_SAVED] = module.__dict__.get("forward")
-            module.forward = types.MethodType(forward, module)
+            replace_forward(module, forward)
     model.__dict__[STATE_ATTR] = BitFitState(config, adapter_name, fused + linear, flags, trainable)
     return model
 
@@ -118,11 +111,7 @@ def unpatch_bitfit(model: nn.Module) -> nn.Module:
     state = model.__dict__.pop(STATE_ATTR)
     for name in state.layer_names:
         module = model.get_submodule(name)
-        saved = module.__dict__.pop(_SAVED)
-        if saved is None:
-            del module.forward
-        else:
-            module.forward = saved
+        restore_forward(module)
     for p, flag in state.requires_grad:
         p.requires_grad_(flag)
     return model

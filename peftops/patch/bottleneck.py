@@ -12,7 +12,6 @@ s the sublayer output h plus the model's residual r:
     BERT  `BertOutput` (x is its residual r): LN(s + A(r))    pre-LN MLP: mlp(x) + A(x), x the normed input
   (AdapterHub's `par_bn` reads the un-normed stream r on pre-LN models instead; we follow the paper.)
 Every form is one `adapter_bottleneck` call whose residual is the tensor the model adds anyway."""
-import types
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +20,9 @@ from torch import nn
 from ..config import AdapterConfig
 from ..layers.bottleneck import BottleneckAdapter
 from .adapter import STATE_ATTR, check_unpatched
+from .forwards import original_forward, replace_forward, restore_forward
 
 CHILD = "bottleneck_adapter"
-_SAVED = "_peftops_bottleneck_forward"  # the instance's forward before patching (None: the class's)
 
 
 @dataclass
@@ -34,21 +33,16 @@ class BottleneckState:
     requires_grad: list  # [(parameter, flag)] before patching
 
 
-def _original(module):
-    saved = module.__dict__[_SAVED]
-    return saved if saved is not None else types.MethodType(type(module).forward, module)
-
-
 def _post_forward(self, *args, **kwargs):
     """h -> h + A(h) on the output (a tensor, or the first element of a tuple as attention modules return)."""
-    out = _original(self)(*args, **kwargs)
+    out = original_forward(self)(*args, **kwargs)
     if isinstance(out, torch.Tensor):
         return getattr(self, CHILD)(out)
     return (getattr(self, CHILD)(out[0]),) + tuple(out[1:])
 
 
 def _parallel_forward(self, x, *args, **kwargs):
-    return getattr(self, CHILD)(x, residual=_original(self)(x, *args, **kwargs))
+    return getattr(self, CHILD)(x, residual=original_forward(self)(x, *args, **kwargs))
 
 
 def _bert_pfeiffer_forward(self, hidden_states, input_tensor):
@@ -131,8 +125,7 @@ def patch_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str) ->
         ref = next(module.parameters())  # the adapter lives in the sublayer's dtype and device
         module.add_module(CHILD, BottleneckAdapter(hidden, config.bottleneck, config.activation, config.scale,
                                                    dtype=ref.dtype, device=ref.device))
-        module.__dict__[_SAVED] = module.__dict__.get("forward")
-        module.forward = types.MethodType(forward, module)
+        replace_forward(module, forward)
     model.__dict__[STATE_ATTR] = BottleneckState(config, adapter_name, [n for n, _ in plan], flags)
     return model
 
@@ -142,11 +135,7 @@ def unpatch_adapter(model: nn.Module) -> nn.Module:
     for name in state.layer_names:
         module = model.get_submodule(name)
         delattr(module, CHILD)
-        saved = module.__dict__.pop(_SAVED)
-        if saved is None:
-            del module.forward
-        else:
-            module.forward = saved
+        restore_forward(module)
     for p, flag in state.requires_grad:
         p.requires_grad_(flag)
     return model

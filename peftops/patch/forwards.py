@@ -1,0 +1,27 @@
+"""Per-instance, reversible forward replacement: how every patching mode takes over a module it keeps in place."""
+import types
+
+_SAVED = "_peftops_saved_forward"  # the instance's own forward before patching (None: the class's)
+
+
+def replace_forward(module, forward) -> None:
+    module.__dict__[_SAVED] = module.__dict__.get("forward")
+    module.forward = types.MethodType(forward, module)
+
+
+def original_forward(module):
+    """The forward the module had before it was patched, bound to it."""
+    saved = module.__dict__[_SAVED]
+    return saved if saved is not None else types.MethodType(type(module).forward, module)
+
+
+def restore_forward(module) -> None:
+    saved = module.__dict__.pop(_SAVED)
+    if saved is None:
+        del module.forward
+    else:
+        module.forward = saved
+
+
+def is_replaced(module) -> bool:
+    return _SAVED in module.__dict__
