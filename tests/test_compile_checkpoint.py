@@ -12,13 +12,6 @@ from lora_training import TECHNIQUES, batches, lm_loss, patched_llama
 OPS = {"lora": (0.1, "lora_linear", 7), "dora": (0.0, "dora_linear", 7),
        "ia3": (0.0, "ia3_linear", 3),  # k_proj, v_proj, down_proj
        "prefix": (0.0, "prefix_attention", 1), "adapter": (0.0, "adapter_bottleneck", 2)}  # houlsby: attn + mlp
-# Bottleneck adapters' patched forward calls the sublayer's original forward through
-# `types.MethodType(type(module).forward, module)` (peftops/patch/forwards.py, `original_forward`), which Dynamo
-# cannot trace ("Dynamo does not know how to trace the function `<class 'method'>`", gb0147): one graph break per
-# adapted sublayer (4 per block, 5 graphs). Strict, so the fix shows up as XPASS.
-ADAPTER_BREAK = pytest.mark.xfail(strict=True, reason="graph break: types.MethodType in peftops.patch.forwards."
-                                                     "original_forward (bottleneck adapters' forward), gb0147")
-TECHNIQUE_PARAMS = [pytest.param(t, marks=ADAPTER_BREAK) if t == "adapter" else t for t in TECHNIQUES]
 
 
 def _loss_and_grads(model, ids, seed=5):
@@ -41,7 +34,7 @@ def _block_inputs(model, ids):
     return seen
 
 
-@pytest.mark.parametrize("technique", TECHNIQUE_PARAMS)
+@pytest.mark.parametrize("technique", TECHNIQUES)
 def test_blocks_have_no_graph_breaks(technique):
     torch._dynamo.reset()
     dropout, op_name, op_count = OPS[technique]
@@ -56,13 +49,13 @@ def test_blocks_have_no_graph_breaks(technique):
         assert sum(op_name in op for op in ops) == op_count, (i, ops)
 
 
-@pytest.mark.parametrize("technique", TECHNIQUE_PARAMS)
-def test_compiled_blocks_match_eager(monkeypatch, technique):
+@pytest.mark.parametrize("technique", TECHNIQUES)
+@torch._inductor.config.patch(fallback_random=True)  # not monkeypatch: its undo deletes the option from the module
+def test_compiled_blocks_match_eager(technique):
     """Inductor, fullgraph per block. `fallback_random` makes inductor draw random numbers through torch's
     generator as eager does, so our op gets the same dropout seeds and the comparison holds with dropout on
     (without it, training is just as valid but the masks are other draws)."""
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     dropout = OPS[technique][0]
     model = patched_llama(dropout, technique)
     ids = batches()[0]

@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import ops
 from ..layers.lora import base_weight, conv1d_class
-from .forwards import is_replaced, original_forward, replace_forward, restore_forward
+from .forwards import call_original, is_replaced, replace_forward, restore_forward
 
 _WARNED = "_peftops_warned"  # the set of fallback reasons already warned about, shared by one patch call
 
@@ -24,8 +24,6 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _peft_forward(module):
-    return original_forward(module)
 
 
 def _plain_base(base: nn.Module) -> bool:
@@ -97,11 +95,11 @@ def _fused_forward(self, x, *args, **kwargs):
     # Base only (adapters disabled or merged) or an adapter set the op does not cover: peft's code is exact there.
     active = [name for name in self.active_adapters if name in self.lora_A]
     if self.disable_adapters or self.merged or not active:
-        return _peft_forward(self)(x, *args, **kwargs)
+        return call_original(self, x, *args, **kwargs)
     reason = _fallback_reason(self, x, args, kwargs, active)
     if reason is not None:
         warn_once(self, reason)
-        return _peft_forward(self)(x, *args, **kwargs)
+        return call_original(self, x, *args, **kwargs)
 
     def dropout_p(name):
         drop = self.lora_dropout[name]

@@ -6,7 +6,8 @@ fused op cannot, so mixed dtypes run peft's forward (with one warning)."""
 
 from .. import ops
 from ..layers.lora import base_weight
-from .backend import _peft_forward, base_reason, warn_once
+from .backend import base_reason, warn_once
+from .forwards import call_original
 
 
 def _fallback_reason(module, x, args, kwargs, active):
@@ -25,11 +26,11 @@ def _fallback_reason(module, x, args, kwargs, active):
 def fused_forward(self, x, *args, **kwargs):
     active = [name for name in self.active_adapters if name in self.ia3_l]
     if self.disable_adapters or self.merged or not active:
-        return _peft_forward(self)(x, *args, **kwargs)
+        return call_original(self, x, *args, **kwargs)
     reason = _fallback_reason(self, x, args, kwargs, active)
     if reason is not None:
         warn_once(self, reason, "IA3")
-        return _peft_forward(self)(x, *args, **kwargs)
+        return call_original(self, x, *args, **kwargs)
     # One adapter: its [out, 1] / [1, in] vector goes in as is; several multiply, in peft's order.
     scale = self.ia3_l[active[0]]
     if len(active) > 1:

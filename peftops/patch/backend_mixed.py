@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..layers.lora import base_weight
-from .backend import _peft_forward, adapter_reason, base_reason, warn_once
+from .backend import adapter_reason, base_reason, warn_once
+from .forwards import call_original
 
 STACK_CACHE = "_peftops_stacked_lora"  # (key, stacked factors) of the last inference call
 
@@ -60,7 +61,7 @@ def mixed_forward(self, x, *args, adapter_names, **kwargs):
     reason = _reason(self, x, args, kwargs, names)
     if reason is not None:
         warn_once(self, reason)
-        return _peft_forward(self)(x, *args, adapter_names=adapter_names, **kwargs)
+        return call_original(self, x, *args, adapter_names=adapter_names, **kwargs)
     base = self.base_layer
     if not names:
         return base(x)

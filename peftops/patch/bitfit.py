@@ -18,7 +18,7 @@ from .. import ops
 from ..config import BitFitConfig
 from ..layers.lora import base_weight, conv1d_class
 from .adapter import STATE_ATTR, check_unpatched
-from .forwards import is_replaced, original_forward, replace_forward, restore_forward
+from .forwards import call_original, is_replaced, replace_forward, restore_forward
 
 
 
@@ -33,7 +33,7 @@ class BitFitState:
 
 def _bias_linear_forward(self, x, *args, **kwargs):
     if args or kwargs or self.weight.requires_grad or x.dtype != self.weight.dtype:
-        return original_forward(self)(x, *args, **kwargs)
+        return call_original(self, x, *args, **kwargs)
     return ops.bias_linear(x, base_weight(self), self.bias)
 
 
@@ -41,7 +41,7 @@ def _output_forward(self, hidden_states, input_tensor, *args, **kwargs):
     dense, drop = self.dense, self.dropout
     if args or kwargs or dense.weight.requires_grad or not (hidden_states.dtype == input_tensor.dtype ==
                                                              dense.weight.dtype == dense.bias.dtype):
-        return original_forward(self)(hidden_states, input_tensor, *args, **kwargs)
+        return call_original(self, hidden_states, input_tensor, *args, **kwargs)
     # The bias is left out of the matmul: bias_dropout_add adds it, so its gradient is reduced in its backward.
     h = ops.bias_dropout_add(F.linear(hidden_states, dense.weight), dense.bias, input_tensor, drop.p,
                              training=drop.training)

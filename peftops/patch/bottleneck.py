@@ -20,7 +20,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..layers.bottleneck import BottleneckAdapter
 from .adapter import STATE_ATTR, check_unpatched
-from .forwards import original_forward, replace_forward, restore_forward
+from .forwards import call_original, replace_forward, restore_forward
 
 CHILD = "bottleneck_adapter"
 
@@ -35,14 +35,14 @@ class BottleneckState:
 
 def _post_forward(self, *args, **kwargs):
     """h -> h + A(h) on the output (a tensor, or the first element of a tuple as attention modules return)."""
-    out = original_forward(self)(*args, **kwargs)
+    out = call_original(self, *args, **kwargs)
     if isinstance(out, torch.Tensor):
         return getattr(self, CHILD)(out)
     return (getattr(self, CHILD)(out[0]),) + tuple(out[1:])
 
 
 def _parallel_forward(self, x, *args, **kwargs):
-    return getattr(self, CHILD)(x, residual=original_forward(self)(x, *args, **kwargs))
+    return getattr(self, CHILD)(x, residual=call_original(self, x, *args, **kwargs))
 
 
 def _bert_pfeiffer_forward(self, hidden_states, input_tensor):

@@ -9,10 +9,10 @@ def replace_forward(module, forward) -> None:
     module.forward = types.MethodType(forward, module)
 
 
-def original_forward(module):
-    """The forward the module had before it was patched, bound to it."""
+def call_original(module, *args, **kwargs):
+    """Runs the forward the module had before it was patched (a plain call, so torch.compile traces through it)."""
     saved = module.__dict__[_SAVED]
-    return saved if saved is not None else types.MethodType(type(module).forward, module)
+    return saved(*args, **kwargs) if saved is not None else type(module).forward(module, *args, **kwargs)
 
 
 def restore_forward(module) -> None:
