@@ -1,9 +1,8 @@
 """Interop with AdapterHub: on the same base model and the same adapter weights, peftops' Pfeiffer and Houlsby
 adapters give the outputs of `adapters`' `seq_bn` and `double_seq_bn` configurations.
 
-Optional: `adapters` 1.x needs transformers 4.57, which this project's 5.x venv does not have. To run it:
-    python -m venv /tmp/ah && . /tmp/ah/bin/activate && pip install "transformers==4.57.*" adapters torch pytest \
-        safetensors && pip install --no-build-isolation -e . && python -m pytest tests/test_bottleneck_adapterhub.py
+`adapters` 1.x pins transformers 4.57: CI runs this file in its transformers 4.57 stage (.ci/run), with
+`pip install --no-deps "adapters==1.3.*"`; in a transformers 5.x venv it skips.
 (tests/test_bottleneck_adapters.py checks the same placements against a plain-PyTorch re-implementation always.)"""
 import copy
 
