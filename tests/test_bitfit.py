@@ -10,7 +10,8 @@ import torch
 import peftops
 from ia3_helpers import with_random_biases
 from peftops import BitFitConfig
-from tiny_models import assert_close, input_ids, loss_of, minilm, output, tiny_bert, tiny_gpt2, tiny_llama
+from tiny_models import (assert_close, input_ids, loss_of, minilm, output, outputs_match_then_backward, tiny_bert,
+                         tiny_gpt2, tiny_llama)
 
 TINY = {"bert": with_random_biases(tiny_bert), "gpt2": with_random_biases(tiny_gpt2)}
 
@@ -30,12 +31,7 @@ def pair(builder, config=None):
 
 
 def check_same(ours, ref, ids=None, rtol=1e-5):
-    ids = input_ids() if ids is None else ids
-    out_ours, out_ref = output(ours, ids), output(ref, ids)
-    assert_close(out_ours, out_ref, rtol, what="outputs")
-    loss_of(out_ours).backward()
-    loss_of(out_ref).backward()
-    ref_params = dict(ref.named_parameters())
+    ref_params = outputs_match_then_backward(ours, ref, ids, rtol)
     trained = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
     assert trained and [n for n, _ in trained] == [n for n, p in ref_params.items() if p.requires_grad]
     for name, p in trained:  # the pooler is not in the loss: no gradient on either side

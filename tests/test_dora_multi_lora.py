@@ -8,8 +8,8 @@ import torch
 
 import peftops
 from peftops import LoraConfig
-from tiny_models import (BUILDERS, assert_close, input_ids, loss_of, output, peft_lora_config, randomize_lora,
-                         tiny_llama)
+from tiny_models import (BUILDERS, assert_close, input_ids, output, outputs_match_then_backward, peft_lora_config,
+                         randomize_lora, tiny_llama)
 
 peft = pytest.importorskip("peft")
 
@@ -54,12 +54,7 @@ def dora_pair(family, **kwargs):
 
 
 def check_outputs_and_grads(ours, ref, to_ref=lambda n: n, ids=None, rtol=1e-5):
-    ids = input_ids() if ids is None else ids
-    out_ours, out_ref = output(ours, ids), output(ref, ids)
-    assert_close(out_ours, out_ref, rtol, what="outputs")
-    loss_of(out_ours).backward()
-    loss_of(out_ref).backward()
-    ref_params = dict(ref.named_parameters())
+    ref_params = outputs_match_then_backward(ours, ref, ids, rtol)
     trained = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
     assert {to_ref(n) for n, _ in trained} == {n for n, p in ref_params.items() if p.requires_grad}
     assert any("lora_magnitude_vector" in n for n, _ in trained)

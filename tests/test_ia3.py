@@ -10,7 +10,7 @@ import torch
 import peftops
 from ia3_helpers import ia3_pair, ours_to_peft_name, peft_ia3_config, randomize_ia3, with_random_biases
 from peftops import IA3Config
-from tiny_models import BUILDERS, assert_close, input_ids, loss_of, output, tiny_bert, tiny_llama
+from tiny_models import BUILDERS, assert_close, input_ids, output, outputs_match_then_backward, tiny_bert, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -34,12 +34,7 @@ def op_calls(monkeypatch):
 
 def check_same(ours, ref, name_map=lambda n: n, ids=None, rtol=1e-5):
     """Outputs and the gradient of every trainable parameter of `ours` against `ref`'s (named by name_map)."""
-    ids = input_ids() if ids is None else ids
-    out_ours, out_ref = output(ours, ids), output(ref, ids)
-    assert_close(out_ours, out_ref, rtol, what="outputs")
-    loss_of(out_ours).backward()
-    loss_of(out_ref).backward()
-    ref_params = dict(ref.named_parameters())
+    ref_params = outputs_match_then_backward(ours, ref, ids, rtol)
     trained = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
     assert trained and {name_map(n) for n, _ in trained} == {n for n, p in ref_params.items() if p.requires_grad}
     for name, p in trained:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import peftops
-from tiny_models import BUILDERS, assert_close, input_ids, loss_of, output, randomize_lora, tiny_llama
+from tiny_models import (BUILDERS, assert_close, input_ids, loss_of, output, outputs_match_then_backward,
+                         randomize_lora, tiny_llama)
 
 peft = pytest.importorskip("peft")
 
@@ -43,12 +44,7 @@ def op_calls(monkeypatch):
 
 
 def check_same(ours, ref, ids=None, rtol=1e-5):
-    ids = input_ids() if ids is None else ids
-    out_ours, out_ref = output(ours, ids), output(ref, ids)
-    assert_close(out_ours, out_ref, rtol, what="outputs")
-    loss_of(out_ours).backward()
-    loss_of(out_ref).backward()
-    ref_params = dict(ref.named_parameters())
+    ref_params = outputs_match_then_backward(ours, ref, ids, rtol)
     assert list(ref_params) == [n for n, _ in ours.named_parameters()]
     for name, p in ours.named_parameters():
         assert p.requires_grad == ref_params[name].requires_grad, name

@@ -107,3 +107,14 @@ def assert_close(a, b, rtol=1e-5, what=""):
     exact arithmetic, e.g. of attention key biases)."""
     atol = max(rtol * b.detach().abs().max().item(), 1e-8) if b.numel() else 0.0
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def outputs_match_then_backward(ours, ref, ids=None, rtol=1e-5):
+    """Asserts both models give the same outputs, backpropagates the same loss through each, and returns the
+    reference's parameters by name for the caller's gradient checks."""
+    ids = input_ids() if ids is None else ids
+    out_ours, out_ref = output(ours, ids), output(ref, ids)
+    assert_close(out_ours, out_ref, rtol, what="outputs")
+    loss_of(out_ours).backward()
+    loss_of(out_ref).backward()
+    return dict(ref.named_parameters())
