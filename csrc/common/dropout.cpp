@@ -10,6 +10,18 @@
 
 namespace peftops {
 
+Dropout make_dropout(double p, const std::optional<at::Tensor>& seed, uint64_t offset) {
+  Dropout d;
+  d.offset = offset;
+  if (p > 0.0 && seed.has_value() && seed->defined()) {
+    d.active = true;
+    d.threshold = dropout_threshold(p);
+    d.keep_scale = 1.0 / (1.0 - p);
+    if (seed->device().is_cpu()) d.seed = static_cast<uint64_t>(seed->item<int64_t>());
+  }
+  return d;
+}
+
 void dropout_apply(const at::Tensor& src, at::Tensor& dst, const std::optional<at::Tensor>& seed, double p,
                    bool accumulate) {
   TORCH_CHECK(src.dim() == 2 && dst.sizes() == src.sizes() && src.stride(1) == 1 && dst.stride(1) == 1 &&
@@ -22,13 +34,7 @@ void dropout_apply(const at::Tensor& src, at::Tensor& dst, const std::optional<a
     TORCH_CHECK(false, "peftops was built without CUDA kernels");
 #endif
   }
-  Dropout d;
-  d.active = p > 0.0 && seed.has_value() && seed->defined();
-  if (d.active) {
-    d.seed = static_cast<uint64_t>(seed->item<int64_t>());
-    d.threshold = dropout_threshold(p);
-    d.keep_scale = 1.0 / (1.0 - p);
-  }
+  const Dropout d = make_dropout(p, seed);
   const int64_t N = src.size(0), K = src.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "dropout_apply_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -16,11 +16,7 @@ namespace peftops {
 static at::Tensor dropout_keep_mask_cpu(c10::IntArrayRef size, double p, const at::Tensor& seed, int64_t offset) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout_keep_mask: p must be in [0, 1), got ", p);
   TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong, "dropout_keep_mask: seed must be one int64");
-  Dropout d;
-  d.seed = static_cast<uint64_t>(seed.item<int64_t>());
-  d.offset = static_cast<uint64_t>(offset);
-  d.threshold = dropout_threshold(p);
-  d.keep_scale = 1.0 / (1.0 - p);
+  const Dropout d = make_dropout(p, seed, static_cast<uint64_t>(offset));  // p = 0: threshold 0, all kept
   auto mask = at::empty(size, seed.options().dtype(at::kBool));
   // rows of the last dimension through the kernels' own (vectorised) mask generator
   const int64_t K = mask.dim() ? mask.size(-1) : 1, N = K ? mask.numel() / K : 0;

@@ -46,17 +46,6 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "lora_linear: dropout_p must be in [0, 1), got ", dropout_p);
 }
 
-Dropout make_dropout(double dropout_p, const std::optional<at::Tensor>& seed) {
-  Dropout d;
-  if (dropout_p > 0.0 && seed.has_value() && seed->defined()) {
-    d.active = true;
-    d.threshold = dropout_threshold(dropout_p);
-    d.keep_scale = 1.0 / (1.0 - dropout_p);
-    if (seed->device().is_cpu()) d.seed = static_cast<uint64_t>(seed->item<int64_t>());
-  }
-  return d;
-}
-
 at::Tensor as_rows(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}); }
 
 // Public op: validates, draws the dropout seed from torch's generator for x's device, calls the fused forward.

@@ -1,19 +1,13 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
-#include <array>
-#include <tuple>
-
-#include "../common/philox.h"
+#include <optional>
 
 namespace peftops::lora {
 
 // Validates the public arguments of lora_linear; every message names the argument at fault.
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p);
-
-// The dropout of one call, read from its seed tensor (on the host; CUDA kernels read the seed on the device).
-Dropout make_dropout(double dropout_p, const std::optional<at::Tensor>& seed);
 
 // Flattens x [..., in] to 2-D rows without copying where the strides allow it.
 at::Tensor as_rows(const at::Tensor& x);

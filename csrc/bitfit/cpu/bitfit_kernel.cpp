@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include "../../common/cpu/row_pass.h"
-#include "../../lora/lora_linear.h"
+#include "../../common/dropout.h"
 #include "../bitfit.h"
 
 namespace peftops::bitfit {
@@ -20,19 +20,9 @@ std::tuple<at::Tensor, at::Tensor> bias_linear_backward_cpu(const at::Tensor& gr
   auto shape = grad_out.sizes().vec();
   shape.back() = weight.size(1);
   at::Tensor dx = output_mask[0] ? at::mm(dy, weight).view(shape) : at::empty({0}, grad_out.options());
-  at::Tensor db = at::empty({output_mask[1] ? weight.size(0) : 0}, grad_out.options());
-  if (output_mask[1]) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "bias_linear_backward_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      auto sum = at::empty({dy.size(1)}, dy.options().dtype(at::toOpMathType(dy.scalar_type())));
-      cpu::RowPass<scalar_t> pass;
-      pass.N = dy.size(0), pass.K = dy.size(1);
-      pass.x = dy.const_data_ptr<scalar_t>(), pass.ldx = dy.stride(0);
-      pass.colsum = sum.data_ptr<acc_t>();
-      if (pass.N > 0) pass.run(); else sum.zero_();
-      db.copy_(sum);
-    });
-  }
+  // the bias gradient: ATen's vectorised column reduction, accumulated in float
+  at::Tensor db = output_mask[1] ? dy.sum(0, false, at::toOpMathType(dy.scalar_type())).to(dy.scalar_type())
+                                 : at::empty({0}, grad_out.options());
   return {dx, db};
 }
 
@@ -42,7 +32,7 @@ at::Tensor bias_dropout_add_forward_cpu(const at::Tensor& x, const at::Tensor& b
   const auto xc = x.contiguous(), rc = residual.contiguous();
   auto y = at::empty_like(xc, at::MemoryFormat::Contiguous);
   const int64_t H = x.size(-1), N = H ? x.numel() / H : 0;
-  const Dropout drop = lora::make_dropout(p, seed);
+  const Dropout drop = make_dropout(p, seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bias_dropout_add_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<acc_t> b(H);
@@ -74,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward_cpu(const at::Tenso
   const int64_t H = dy.size(-1), N = H ? dy.numel() / H : 0;
   at::Tensor dx = output_mask[0] ? at::empty_like(dy, at::MemoryFormat::Contiguous) : at::empty({0}, dy.options());
   at::Tensor db = at::empty({output_mask[1] ? H : 0}, dy.options());
-  const Dropout drop = lora::make_dropout(p, seed);
+  const Dropout drop = make_dropout(p, seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "bias_dropout_add_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto sum = at::empty({H}, dy.options().dtype(at::toOpMathType(dy.scalar_type())));

@@ -1,7 +1,7 @@
 #pragma once
 // CPU building blocks shared by the op families: the per-row dropout mask (the Philox of common/philox.h) and a
 // vectorised pass over tiles of rows that reads a [N, K] matrix X once and yields any of
-//   X M  [N, r]  (rank-r shrink),   X^T V  [K, r]  (rank-r weight gradient),   X^T 1  [K]  (column sums),
+//   X M  [N, r]  (rank-r shrink),   X^T V  [K, r]  (rank-r weight gradient),
 // and adds  alpha * mask o (V E)  into a [N, K] matrix Y in place (rank-r expand), one mask per tile.
 #include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
@@ -121,7 +121,6 @@ struct RowPass {
   acc_t* rowout = nullptr;
   const acc_t* v = nullptr;  // V [N, rp]  -> colacc = (mask o X)^T V    [K, rp]
   acc_t* colacc = nullptr;
-  acc_t* colsum = nullptr;   //               colsum = X^T 1              [K]
   scalar_t* y = nullptr;     // Y [N, K], row stride ldy: Y += alpha * mask o (EV E)
   int64_t ldy = 0;
   const acc_t* ev = nullptr;  // [N, rp]
@@ -130,7 +129,7 @@ struct RowPass {
 
   void run() const {
     const int nthreads = at::get_num_threads();
-    const int64_t width = (colacc ? K * rp : 0) + (colsum ? K : 0);
+    const int64_t width = colacc ? K * rp : 0;
     std::vector<acc_t> partials(static_cast<size_t>(nthreads) * width, acc_t(0));
     const int64_t tiles = (N + kTileRows - 1) / kTileRows;
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
@@ -143,16 +142,14 @@ struct RowPass {
         if (x) load_tile(n0, rows, kp, xt.data());
         if (rowout) tile_rowout(n0, rows, xt.data());
         if (colacc) tile_colacc(n0, rows, xt.data(), part);
-        if (colsum) tile_colsum(rows, xt.data(), part + (colacc ? K * rp : 0));
         if (y) tile_expand(n0, rows, kp);
       }
     });
-    // Reduce the per-thread partials (a few [K, rp] buffers) into the outputs.
-    const int64_t cols = colacc ? K * rp : 0;
+    // Reduce the per-thread partials (a few [K, rp] buffers) into the output.
     for (int64_t i = 0; i < width; ++i) {
       acc_t sum = 0;
       for (int t = 0; t < nthreads; ++t) sum += partials[t * width + i];
-      (i < cols ? colacc[i] : colsum[i - cols]) = sum;
+      colacc[i] = sum;
     }
   }
 
@@ -208,12 +205,6 @@ struct RowPass {
         a0.store(a);
         a1.store(a + Vec::size());
       }
-    }
-  }
-
-  void tile_colsum(int64_t rows, const acc_t* xt, acc_t* sum) const {
-    for (int64_t i = 0; i < rows; ++i) {
-      for (int64_t k = 0; k < K; ++k) sum[k] += xt[i * K + k];
     }
   }
 

@@ -101,14 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ia3_linear_backward_cpu(
         if (need_x) dx = g.view(x.sizes());
         if (need_scale) dl = sums.to(scale.scalar_type());
       }
-      if (need_bias) {
-        auto sum = at::empty({out}, acc_opts);
-        cpu::RowPass<scalar_t> pass;
-        pass.N = N, pass.K = out, pass.x = dy.const_data_ptr<scalar_t>(), pass.ldx = dy.stride(0);
-        pass.colsum = sum.data_ptr<acc_t>();
-        pass.run();
-        db = sum.to(x.scalar_type());
-      }
+      if (need_bias) db = dy.sum(0, false, acc_opts.dtype().toScalarType()).to(x.scalar_type());
     } else {
       // One pass over dy (and the recomputed base output): dy o l for dx, sum_rows(dy o base) for dl,
       // sum_rows(dy) o l for the bias.

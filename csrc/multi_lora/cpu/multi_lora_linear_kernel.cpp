@@ -101,14 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bac
     }
     if (need_a) da = da_all.to(lora_a.scalar_type());
     if (need_b) db = db_all.to(lora_b.scalar_type());
-    if (need_bias) {
-      auto sum = at::zeros({out}, acc_opts);
-      cpu::RowPass<scalar_t> pass;
-      pass.N = tokens, pass.K = out, pass.x = dy.const_data_ptr<scalar_t>(), pass.ldx = dy.stride(0);
-      pass.colsum = sum.data_ptr<acc_t>();
-      if (tokens > 0) pass.run();
-      dbias = sum.to(x.scalar_type());
-    }
+    if (need_bias) dbias = dy.sum(0, false, acc_opts.dtype().toScalarType()).to(x.scalar_type());
   });
   return {need_x ? dx.view(x.sizes()) : dx, da, db, dbias};
 }
