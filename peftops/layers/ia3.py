@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .lora import base_weight, is_supported
+from .lora import base_weight, wrapped_shape
 
 
 class Ia3Linear(nn.Module):
@@ -14,12 +14,8 @@ class Ia3Linear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, feedforward: bool = False):
         super().__init__()
-        if not is_supported(base_layer):
-            raise ValueError(f"Ia3Linear wraps nn.Linear or transformers' Conv1D, not {type(base_layer).__name__}")
+        out_features, in_features = wrapped_shape(base_layer, "Ia3Linear")
         weight = base_layer.weight
-        if not weight.is_floating_point():
-            raise ValueError(f"Ia3Linear needs a floating-point base weight, got {weight.dtype}")
-        out_features, in_features = base_weight(base_layer).shape
         self.base_layer = base_layer
         self.feedforward = bool(feedforward)
         self.merged = False

@@ -21,6 +21,15 @@ def is_supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
+def wrapped_shape(base_layer: nn.Module, owner: str):
+    """(out_features, in_features) of a base layer the peftops layer `owner` wraps; a clear error for any other."""
+    if not is_supported(base_layer):
+        raise ValueError(f"{owner} wraps nn.Linear or transformers' Conv1D, not {type(base_layer).__name__}")
+    if not base_layer.weight.is_floating_point():
+        raise ValueError(f"{owner} needs a floating-point base weight, got {base_layer.weight.dtype}")
+    return base_weight(base_layer).shape
+
+
 def base_weight(module: nn.Module) -> torch.Tensor:
     """The base weight as [out, in]: Conv1D's is stored [in, out], so it is a transposed view (no copy)."""
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
@@ -35,12 +44,8 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float = 0.0, use_dora: bool = False):
         super().__init__()
-        if not is_supported(base_layer):
-            raise ValueError(f"LoraLinear wraps nn.Linear or transformers' Conv1D, not {type(base_layer).__name__}")
+        out_features, in_features = wrapped_shape(base_layer, "LoraLinear")
         weight = base_layer.weight
-        if not weight.is_floating_point():
-            raise ValueError(f"LoraLinear needs a floating-point base weight, got {weight.dtype}")
-        out_features, in_features = base_weight(base_layer).shape
         self.base_layer = base_layer
         self.r, self.scaling, self.dropout = r, float(scaling), float(dropout)
         self.merged = False
