@@ -37,15 +37,19 @@ cat "$RES/env.txt"
 
 # 1. Build in place (only this machine's build may be loaded: drop any library that travelled here).
 rm -f peftops/_C*.so
-step build 300 "$RES/build.log" env PEFTOPS_CUDA="${PEFTOPS_CUDA:-1}" "$PY" setup.py build_ext --inplace
+step build 180 "$RES/build.log" env PEFTOPS_CUDA="${PEFTOPS_CUDA:-1}" "$PY" setup.py build_ext --inplace
 "$PY" -c "import peftops; print(peftops.backends())" 2>&1 | tee -a "$RES/build.log" "$RES/env.txt"
 
-# 2. The CUDA tests (CUDA-parametrized tests and the cupy DLPack check).
-step tests 240 "$RES/tests.log" "$PY" -m pytest tests -m cuda -q -rs
+# 2. The CUDA tests (CUDA-parametrized tests and the cupy DLPack check), over 6 workers where pytest-xdist is
+#    there, each test under 120 s where pytest-timeout is (a hang must not eat the lease).
+extra=()
+"$PY" -c "import xdist" 2>/dev/null && extra+=(-n 6)
+"$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 120)
+step tests 200 "$RES/tests.log" "$PY" -m pytest tests -m cuda -q -rs "${extra[@]}"
 
 # 3. The CUDA benches (every family's), their table and one plot per family. $OUT returns at most 8 files:
 #    env.txt, build.log, tests.log, bench.log, bench-cuda.json, bench-cuda.md leave room for two plots.
-step benches 180 "$RES/bench.log" "$PY" -m pytest benches -m cuda --benchmark-only -q \
+step benches 200 "$RES/bench.log" "$PY" -m pytest benches -m cuda --benchmark-only -q -p no:cacheprovider \
   --benchmark-json="$RES/bench-cuda.json" --benchmark-columns=median,iqr,rounds
 if [ -s "$RES/bench-cuda.json" ]; then
   "$PY" tools/bench_table.py "$RES/bench-cuda.json" | tee "$RES/bench-cuda.md"
@@ -53,8 +57,8 @@ if [ -s "$RES/bench-cuda.json" ]; then
 fi
 
 # 4. The CMake target with CUDA, if time is left (it compiles the same sources again).
-if [ $((SECONDS - t_start)) -lt 330 ]; then
-  step cmake 120 "$RES/build.log" bash -c "cmake -S . -B build-cmake-cuda -G Ninja -DPEFTOPS_CUDA=ON \
+if [ $((SECONDS - t_start)) -lt 270 ]; then
+  step cmake 90 "$RES/build.log" bash -c "cmake -S . -B build-cmake-cuda -G Ninja -DPEFTOPS_CUDA=ON \
     -DPython3_EXECUTABLE=$(command -v "$PY") && cmake --build build-cmake-cuda -j $MAX_JOBS && \
     $PY -c \"import torch; torch.ops.load_library('build-cmake-cuda/libpeftops.so'); print(torch.ops.peftops._build_info())\""
 fi

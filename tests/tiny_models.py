@@ -57,7 +57,7 @@ def output(model, ids):
 
 def loss_of(out):
     """A loss whose gradient is not uniform, so that every gradient is exercised."""
-    weights = torch.linspace(-1.0, 1.0, out.shape[-1], dtype=out.dtype)
+    weights = torch.linspace(-1.0, 1.0, out.shape[-1], dtype=out.dtype, device=out.device)
     return (out.float() * weights).square().mean()
 
 
