@@ -97,5 +97,3 @@ def test_smollm2_step_cuda(benchmark, technique, impl):
            device="cuda", dtype=torch.bfloat16, saved=saved, peak_bytes=torch.cuda.max_memory_allocated() - resident,
            batch=BATCH, seq=SEQ, trainable=sum(p.numel() for p in params))
     benchmark.pedantic(step, rounds=10, warmup_rounds=2)
-    del model, opt
-    torch.cuda.empty_cache()

@@ -1,5 +1,4 @@
 """multi_lora_linear and dora_linear against their plain-PyTorch references and against peft itself."""
-import copy
 
 import pytest
 import torch
