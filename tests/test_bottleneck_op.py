@@ -69,7 +69,7 @@ def test_gradcheck_float64():
 def test_opcheck_and_compile(device):
     h, wd, bd, wu, bu = operands(device, torch.float32, (2, 3), 8, 4)
     torch.library.opcheck(torch.ops.peftops.adapter_bottleneck_forward.default, (h, wd, bd, wu, bu, 1, 0.5, None))
-    torch.library.opcheck(torch.ops.peftops.adapter_bottleneck_forward.default, (h, wd, None, wu, None, 3, 2.0, h * 2))
+    torch.library.opcheck(torch.ops.peftops.adapter_bottleneck_forward.default, (h, wd, None, wu, None, 3, 2.0, (h * 2).detach().requires_grad_()))
     torch._dynamo.reset()
     f = lambda h: peftops.ops.adapter_bottleneck(h, wd, bd, wu, bu, activation="gelu_tanh").square().sum()  # noqa: E731
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
