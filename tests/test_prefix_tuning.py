@@ -207,8 +207,11 @@ def test_projection_model_refuses_a_prefix_file(tmp_path):
 
 def test_bert_matches_attention_over_the_concatenated_prefix():
     # BERT (bidirectional, no position shift): the same layers computed with the prefix as explicit extra keys.
-    model = peftops.patch(tiny_bert(), peftops.PrefixConfig(P))
+    # Through the attention registry in transformers 5, by replacing the self-attention forwards in 4.x.
+    model = tiny_bert()
     am = mask("right")
+    before = model(input_ids=IDS, attention_mask=am).last_hidden_state
+    peftops.patch(model, peftops.PrefixConfig(P))
     out = model(input_ids=IDS, attention_mask=am).last_hidden_state
     st = state(model)
 
@@ -227,6 +230,9 @@ def test_bert_matches_attention_over_the_concatenated_prefix():
         pf.register()
     assert len(st.attention_names) == 2
     assert_close(out, expected, what="hidden states")
+    peftops.unpatch(model)
+    assert not any("forward" in model.get_submodule(n).__dict__ for n in st.attention_names)
+    assert torch.equal(model(input_ids=IDS, attention_mask=am).last_hidden_state, before)
 
 
 def test_mask_that_is_not_padding_is_refused():

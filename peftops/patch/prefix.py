@@ -3,7 +3,8 @@ through `ops.prefix_attention` (the prefix is shared by the batch: never expande
 
 Hooked into transformers through its attention-function registry (Llama, GPT-2, BERT in transformers 5.x, and any
 family whose attention calls `ALL_ATTENTION_FUNCTIONS`): the model's `_attn_implementation` becomes "peftops_prefix",
-whose function finds the layer's prefix on the attention module it is handed. The mask transformers builds for it is
+whose function finds the layer's prefix on the attention module it is handed. BERT-style self-attention that computes
+attention itself (BERT in transformers 4.x) gets its forward replaced by one that calls the same function. The mask transformers builds for it is
 SDPA's; `_padding_and_causal` turns it back into the op's [B, S] padding mask and causal flag.
 
 Semantics are peft's `PrefixTuningConfig` (same function on the same weights, peftops.io.prefix_format reads and
@@ -20,6 +21,7 @@ from torch import nn
 from .. import ops
 from ..config import PrefixConfig
 from .adapter import STATE_ATTR, check_unpatched
+from .forwards import replace_forward, restore_forward
 
 ATTN_NAME = "peftops_prefix"
 KEY, VALUE = "peftops_prefix_key", "peftops_prefix_value"  # per-layer parameters [Hkv, P, D] on attention modules
@@ -34,6 +36,7 @@ class PrefixState:
     attention_names: list  # the patched attention modules, in layer order
     requires_grad: list  # [(parameter, flag)] before patching
     attn_implementation: object  # the model's before patching
+    module_forwards: bool  # the attention modules' forwards were replaced (no attention registry)
     position_hook: object  # handle of the position shift, or None
     num_kv_heads: int
     head_dim: int
@@ -96,9 +99,10 @@ def layer_prefix(module: nn.Module):
 
 # The attention function ------------------------------------------------------------------------------------------
 def _padding_and_causal(mask, batch: int, L: int, S: int, causal: bool):
-    """transformers' mask for SDPA ([B|1, 1|H, L, S] bool, or additive float; None: no padding) -> the op's
-    ([B, S] bool padding mask or None, causal). Anything else (packed sequences, sliding windows) is refused rather
-    than computed wrongly."""
+    """transformers' mask for SDPA ([B|1, 1|H, L|1, S] bool, or additive float; None: no padding) -> the op's
+    ([B, S] bool padding mask or None, causal). A full [L, S] mask decides causality itself (transformers 4.x GPT-2
+    passes is_causal=False with a causal mask); anything but padding, or padding plus causal masking (packed
+    sequences, sliding windows) is refused rather than computed wrongly."""
     if mask is None:
         return None, causal
     if mask.dim() == 2:  # a plain padding mask (custom callers)
@@ -110,16 +114,25 @@ def _padding_and_causal(mask, batch: int, L: int, S: int, causal: bool):
         allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
         allowed = allowed.amax(1) if allowed.shape[1] > 1 else allowed[:, 0]  # [B|1, L|1, S]
         padding = allowed[:, -1]  # the last query row sees every key that is not padding, causal or not
-        rule = torch.ones(L, S, dtype=torch.bool, device=mask.device).tril(S - L) if causal else None
-        full = padding[:, None, :] & rule if causal else padding[:, None, :].expand(-1, L, -1)
-        # Rows that see no key at all (padding queries) are left out: transformers may open them up, and with the
-        # prefix always visible their output is the same attention over the prefix either way.
-        live = full.any(-1, keepdim=True)
-        if allowed.shape[1] == L and not torch.equal(allowed & live, full & live):
-            raise ValueError("prefix attention supports padding masks (plus causal masking in causal models); this "
-                             "model's attention mask is neither (packed sequences, sliding windows?)")
+        if allowed.shape[1] == L:
+            causal = _mask_is_causal(allowed, padding, causal)
     padding = padding.expand(batch, S)
     return (None if bool(padding.all()) else padding.contiguous()), causal
+
+
+def _mask_is_causal(allowed, padding, causal: bool) -> bool:
+    """Whether a full mask [B|1, L, S] is the padding plus causal masking (aligned to the end), or the padding alone;
+    the model's own flag is tried first. Rows that see no key at all (padding queries) are left out: transformers may
+    open them up, and with the prefix always visible their output is the same attention over the prefix either way."""
+    L, S = allowed.shape[-2:]
+    rule = torch.ones(L, S, dtype=torch.bool, device=allowed.device).tril(S - L)
+    for candidate in (causal, not causal):
+        full = padding[:, None, :] & rule if candidate else padding[:, None, :].expand(-1, L, -1)
+        live = full.any(-1, keepdim=True)
+        if torch.equal(allowed & live, full & live):
+            return candidate
+    raise ValueError("prefix attention supports padding masks (plus causal masking in causal models); this model's "
+                     "attention mask is neither (packed sequences, sliding windows?)")
 
 
 def _materialised(q, k, v, pk, pv, padding, causal, scale, dropout):
@@ -164,6 +177,24 @@ def register():
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
+def _self_attention_forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
+                            past_key_values=None, output_attentions=False, cache_position=None, **kwargs):
+    """The forward of a BERT-style self-attention module that computes attention itself (transformers 4.x BERT and
+    its kin): its query, key and value projections, then the registered prefix attention function."""
+    if encoder_hidden_states is not None or head_mask is not None or \
+            (past_key_values if past_key_values is not None else kwargs.get("past_key_value")) is not None:
+        raise ValueError(f"prefix tuning on {type(self).__name__} supports self-attention without cross-attention, "
+                         "a head mask or a KV cache")
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    B, L, _ = hidden_states.shape
+    q, k, v = (getattr(self, name)(hidden_states).view(B, L, self.num_attention_heads, -1).transpose(1, 2)
+               for name in ("query", "key", "value"))
+    out, _ = ALL_ATTENTION_FUNCTIONS[ATTN_NAME](
+        self, q, k, v, attention_mask, dropout=self.dropout.p if self.training else 0.0,
+        scaling=self.attention_head_size ** -0.5, is_causal=self.is_decoder)
+    return out.reshape(B, L, -1), None
+
+
 # Patching --------------------------------------------------------------------------------------------------------
 def _shape(model):
     """(layers, Hkv, D) as peft derives them from the model config."""
@@ -178,16 +209,26 @@ def _shape(model):
 
 
 def _attention_modules(model, num_layers):
-    """The self-attention modules that call transformers' attention-function registry, in layer order."""
-    found = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("Attention")
-             and hasattr(m, "layer_idx") and hasattr(m, "is_causal") and not getattr(m, "is_cross_attention", False)
-             and not any(type(c).__name__.endswith("Attention") and hasattr(c, "layer_idx") for c in m.children())]
-    if len(found) != num_layers:
-        kind = getattr(model.config, "model_type", type(model).__name__)
-        raise ValueError(f"prefix tuning supports models whose attention goes through transformers' attention "
-                         f"registry (Llama, GPT-2, BERT, ...): found {len(found)} such layers in {kind}, expected "
-                         f"{num_layers}")
-    return found
+    """The self-attention modules, in layer order, and whether they call transformers' attention-function registry
+    (else they are BERT-style modules that compute attention themselves, as BERT in transformers 4.x: their forward
+    is replaced)."""
+    registry = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("Attention")
+                and hasattr(m, "layer_idx") and hasattr(m, "is_causal") and not getattr(m, "is_cross_attention", False)
+                and not any(type(c).__name__.endswith("Attention") and hasattr(c, "layer_idx") for c in m.children())]
+    if len(registry) == num_layers:
+        return registry, True
+    legacy = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("SelfAttention")
+              and "crossattention" not in n and hasattr(m, "attention_head_size") and not hasattr(m, "is_causal")
+              and all(isinstance(getattr(m, p, None), nn.Linear) for p in ("query", "key", "value"))]
+    if len(legacy) == num_layers:
+        relative = {getattr(m, "position_embedding_type", "absolute") for _, m in legacy} - {"absolute"}
+        if relative:
+            raise ValueError(f"prefix tuning does not support {relative.pop()} position embeddings")
+        return legacy, False
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    raise ValueError(f"prefix tuning supports models whose attention goes through transformers' attention registry "
+                     f"(Llama, GPT-2, BERT, ...) and BERT-style self-attention: found {len(registry)} and "
+                     f"{len(legacy)} such layers in {kind}, expected {num_layers}")
 
 
 def _set_attn_implementation(model, name):
@@ -229,7 +270,7 @@ def patch_prefix(model: nn.Module, config: PrefixConfig, adapter_name: str) -> n
     if not hasattr(model, "config") or not hasattr(model.config, "_attn_implementation"):
         raise ValueError(f"prefix tuning patches transformers models, not {type(model).__name__}")
     num_layers, num_kv, head_dim = _shape(model)
-    found = _attention_modules(model, num_layers)
+    found, through_registry = _attention_modules(model, num_layers)
     register()
 
     P, dtype = config.num_virtual_tokens, next(model.parameters()).dtype
@@ -248,12 +289,16 @@ def patch_prefix(model: nn.Module, config: PrefixConfig, adapter_name: str) -> n
             for name in (KEY, VALUE):
                 module.register_parameter(name, nn.Parameter(torch.randn(num_kv, P, head_dim, dtype=dtype,
                                                                          device=flags[0][0].device)))
-    causal = all(m.is_causal for _, m in found)
+    causal = all(getattr(m, "is_causal", getattr(m, "is_decoder", False)) for _, m in found)
     hook = model.base_model.register_forward_pre_hook(_shift_positions(P), with_kwargs=True) if causal else None
     old = model.config._attn_implementation
-    _set_attn_implementation(model, ATTN_NAME)
-    model.__dict__[STATE_ATTR] = PrefixState(config, adapter_name, [n for n, _ in found], flags, old, hook, num_kv,
-                                             head_dim)
+    if through_registry:
+        _set_attn_implementation(model, ATTN_NAME)
+    else:
+        for _, module in found:
+            replace_forward(module, _self_attention_forward)
+    model.__dict__[STATE_ATTR] = PrefixState(config, adapter_name, [n for n, _ in found], flags, old,
+                                             not through_registry, hook, num_kv, head_dim)
     return model
 
 
@@ -288,11 +333,14 @@ def unpatch_prefix(model: nn.Module) -> nn.Module:
             module.__dict__.pop(attr, None)
         for attr in (KEY, VALUE):
             module._parameters.pop(attr, None)
+        if state.module_forwards:
+            restore_forward(module)
     if ENCODER in model._modules:
         delattr(model, ENCODER)
     if state.position_hook is not None:
         state.position_hook.remove()
-    _set_attn_implementation(model, state.attn_implementation)
+    if not state.module_forwards:
+        _set_attn_implementation(model, state.attn_implementation)
     for p, flag in state.requires_grad:
         p.requires_grad_(flag)
     return model
