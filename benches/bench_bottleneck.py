@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import peftops
-from bench_bitfit_ia3 import _model_step, _small_llama, run
+from bench_bitfit_ia3 import _model_step, _small_llama, _smollm2, run
 from peftops.layers import BottleneckAdapter
 from peftops.ops import reference
 
@@ -69,3 +69,30 @@ def test_model_small_llama(benchmark, request, placement, activation, impl):
     step, forward, params, frozen = _model_step(model, ids)
     run(benchmark, request, step, forward, params, frozen, family=f"bottleneck_{placement}_small_llama", impl=impl,
         batch=batch, seq=seq, placement=placement)
+
+
+@pytest.mark.parametrize("impl", ["peftops", "adapterhub", "frozen"])
+@pytest.mark.parametrize("placement, activation", [("pfeiffer", "relu"), ("houlsby", "silu")])
+def test_model_smollm2_vs_adapterhub(benchmark, request, placement, activation, impl):
+    """SmolLM2-135M (demo cache), reduction factor 16, against AdapterHub's seq_bn / double_seq_bn on the same model.
+    `adapters` 1.x pins transformers 4.57: run this in such a venv (BENCHMARKS.md says how); elsewhere it skips."""
+    adapters = pytest.importorskip("adapters")
+    batch, seq = 4, 256
+    benchmark.group = f"bottleneck {placement} smollm2 train cpu fp32 b{batch} s{seq}"
+    model = _smollm2().train()
+    if impl == "frozen":
+        model.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(True)  # something must need a gradient; saves nothing
+    elif impl == "adapterhub":
+        cls = {"pfeiffer": adapters.SeqBnConfig, "houlsby": adapters.DoubleSeqBnConfig}[placement]
+        adapters.init(model)
+        model.add_adapter("a", config=cls(reduction_factor=16, non_linearity="swish" if activation == "silu" else
+                                          activation))
+        model.train_adapter("a")
+    else:
+        peftops.patch(model, peftops.AdapterConfig(bottleneck=model.config.hidden_size // 16, placement=placement,
+                                                   activation=activation))
+    ids = torch.randint(model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    step, forward, params, frozen = _model_step(model, ids)
+    run(benchmark, request, step, forward, params, frozen, family=f"bottleneck_{placement}_smollm2", impl=impl,
+        batch=batch, seq=seq, placement=placement, rounds=3)
