@@ -1,4 +1,4 @@
-"""bias_linear, bias_dropout_add and ia3_linear against their plain-PyTorch references: forward and every
+"""bias_linear, bias_dropout_add, ia3_linear and ia3_glu_linear against their plain-PyTorch references: forward and every
 gradient on fresh random inputs, gradcheck, opcheck, torch.compile, saved tensors and bad input."""
 import pytest
 import torch
@@ -73,6 +73,42 @@ def test_ia3_linear(device, shape, bias, feedforward):
                                 lambda x, w, b, l: ref.ia3_linear(x, w, b, l, feedforward), (x, w, b, l), dtype)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ia3_glu_linear(device, shape, bias):
+    batch, d_in, d_out = shape
+    for dtype in DTYPES[device]:
+        g = torch.Generator().manual_seed(d_in * d_out)
+        gate, up = rnd(g, device, dtype, *batch, d_in), rnd(g, device, dtype, *batch, d_in)
+        w = rnd(g, device, dtype, d_out, d_in, grad=False, scale=d_in ** -0.5)
+        b = rnd(g, device, dtype, d_out) if bias else None
+        l = rnd(g, device, dtype, 1, d_in)  # peft's feed-forward shape
+        check_against_reference(peftops.ops.ia3_glu_linear, ref.ia3_glu_linear, (gate, up, w, b, l), dtype)
+
+
+def test_ia3_glu_linear_is_ia3_linear_over_the_product_and_saves_only_the_factors(device):
+    gate = torch.randn(3, 40, 24, device=device)[:, ::2].requires_grad_()  # non-contiguous
+    up = torch.randn(3, 20, 24, device=device, requires_grad=True)
+    w, b = torch.randn(10, 24, device=device), torch.randn(10, device=device, requires_grad=True)
+    l = torch.rand(24, device=device, requires_grad=True)
+    with SavedTensors(exclude=(w, b, l)) as s:
+        y = peftops.ops.ia3_glu_linear(gate, up, w, b, l)
+    assert s.nbytes == gate.untyped_storage().nbytes() + up.untyped_storage().nbytes()
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (gate, up, b, l), gy)
+    prod = (gate * up).detach().requires_grad_()
+    y2 = peftops.ops.ia3_linear(prod, w, b, l, feedforward=True)
+    assert torch.equal(y, y2)  # the same rounding as scaling the product, in peft's order
+    d_prod, db, dl = torch.autograd.grad(y2, (prod, b, l), gy)
+    assert_close(grads[0], (d_prod * up).detach(), torch.float32, "grad of gate")
+    assert_close(grads[1], (d_prod * gate).detach(), torch.float32, "grad of up")
+    assert_close(grads[2], db, torch.float32, "grad of bias")
+    assert_close(grads[3], dl, torch.float32, "grad of ia3_scale")
+    empty = torch.randn(0, 24, device=device, requires_grad=True)
+    peftops.ops.ia3_glu_linear(empty, empty, w, b, l).sum().backward()
+    assert empty.grad.shape == empty.shape
+
+
 def test_non_contiguous_and_empty(device):
     x = torch.randn(12, 40, device=device)[:, ::2].requires_grad_()
     w = torch.randn(20, 9, device=device).t()
@@ -102,6 +138,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x, b, l: peftops.ops.ia3_linear(x, w, b, l, feedforward=True), (x, b, l_in))
     assert torch.autograd.gradcheck(
         lambda x, bb, r: torch.ops.peftops.bias_dropout_add_forward(x, bb, r, 0.4, seed), (x, bb, r))
+    assert torch.autograd.gradcheck(lambda x, r, b, l: peftops.ops.ia3_glu_linear(x, r, w, b, l), (x, r, b, l_in))
 
 
 def test_saved_for_backward(device):
@@ -118,8 +155,16 @@ def test_saved_for_backward(device):
     assert s.nbytes <= 8  # the seed only: no mask
     l = torch.ones(32, device=device, requires_grad=True)
     with SavedTensors(exclude=(w, b, l)) as s:
-        peftops.ops.ia3_linear(x, w, b, l)
-    assert s.nbytes == x.untyped_storage().nbytes()  # x only: the base output is recomputed, not kept
+        y = peftops.ops.ia3_linear(x, w, b, l)
+    assert s.nbytes == y.numel() * 4  # narrowing (out <= in): the base output, smaller than x, kept, not recomputed
+    w_wide, b_wide, l_wide = torch.randn(80, 64, device=device), None, torch.ones(80, device=device, requires_grad=True)
+    with SavedTensors(exclude=(w_wide, l_wide)) as s:
+        peftops.ops.ia3_linear(x, w_wide, b_wide, l_wide)
+    assert s.nbytes == x.untyped_storage().nbytes()  # widening: x only, the base output recomputed in backward
+    l_in = torch.ones(64, device=device, requires_grad=True)
+    with SavedTensors(exclude=(w, l_in)) as s:
+        peftops.ops.ia3_linear(x, w, None, l_in, feedforward=True)
+    assert s.nbytes == x.untyped_storage().nbytes()  # input scaling: x only
 
 
 def test_bias_dropout_add_reproduces_and_checkpoints(device):
@@ -149,6 +194,8 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.peftops.bias_dropout_add_forward.default, (x, bb, r, 0.2, seed))
     torch.library.opcheck(torch.ops.peftops.ia3_linear_forward.default, (x, w, b, l, False))
     torch.library.opcheck(torch.ops.peftops.ia3_linear_forward.default, (x, w, None, bb, True))
+    torch.library.opcheck(torch.ops.peftops.ia3_glu_linear_forward.default, (x, r, w, b, bb))
+    torch.library.opcheck(torch.ops.peftops.ia3_glu_linear_forward.default, (x, r, w, None, bb))
 
 
 def test_compile_fullgraph(device):
@@ -160,7 +207,7 @@ def test_compile_fullgraph(device):
     r = torch.randn(4, 6, device=device)
 
     def block(x, b, l):
-        h = peftops.ops.ia3_linear(x, w, None, l, feedforward=True)
+        h = peftops.ops.ia3_linear(x, w, None, l, feedforward=True) + peftops.ops.ia3_glu_linear(x, x.sin(), w, None, l)
         return peftops.ops.bias_dropout_add(peftops.ops.bias_linear(x, w, b), b, h + r, 0.0).square().sum()
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
@@ -187,6 +234,14 @@ def test_compile_fullgraph(device):
      "ia3_scale must have 8", ValueError),
     (lambda: peftops.ops.ia3_linear(torch.randint(0, 2, (4, 8)), torch.randn(6, 8), None, torch.randn(6)),
      "x must be float32", TypeError),
+    (lambda: peftops.ops.ia3_glu_linear(torch.randn(4, 8), torch.randn(4, 7), torch.randn(6, 8), None, torch.randn(8)),
+     "up has shape", ValueError),
+    (lambda: peftops.ops.ia3_glu_linear(torch.randn(4, 8), torch.randn(4, 8).double(), torch.randn(6, 8), None,
+                                        torch.randn(8)), "up has dtype", TypeError),
+    (lambda: peftops.ops.ia3_glu_linear(torch.randn(4, 5), torch.randn(4, 5), torch.randn(6, 8), None, torch.randn(8)),
+     "gate has 5 input features", ValueError),
+    (lambda: peftops.ops.ia3_glu_linear(torch.randn(4, 8), torch.randn(4, 8), torch.randn(6, 8), None, torch.randn(6)),
+     "ia3_scale must have 8", ValueError),
 ])
 def test_bad_input_names_the_argument(call, match, exc):
     with pytest.raises(exc, match=match):

@@ -21,14 +21,20 @@ EXPLICIT = {"llama": IA3Config(target_modules=["q_proj", "o_proj", "up_proj"], f
 
 @pytest.fixture
 def op_calls(monkeypatch):
+    """Each fused IA3 call's feedforward flag (ia3_glu_linear: a Llama MLP's down projection, feedforward)."""
     calls = []
-    fused = peftops.ops.ia3_linear
+    fused, gated = peftops.ops.ia3_linear, peftops.ops.ia3_glu_linear
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("feedforward", False))
         return fused(*args, **kwargs)
 
+    def gated_spy(*args):
+        calls.append(True)
+        return gated(*args)
+
     monkeypatch.setattr(peftops.ops, "ia3_linear", spy)
+    monkeypatch.setattr(peftops.ops, "ia3_glu_linear", gated_spy)
     return calls
 
 
@@ -55,6 +61,25 @@ def test_adapter_mode_matches_peft(family, explicit, op_calls):
     assert any(m.feedforward for m in layers.values()) == (family != "bert" or not explicit)
     check_same(ours.train(), ref.train(), ours_to_peft_name)
     assert len(op_calls) == len(layers)
+
+
+def test_llama_mlp_keeps_no_copy_of_its_product_and_unpatch_restores_it():
+    from op_helpers import SavedTensors
+    ours, ref = ia3_pair(tiny_llama)  # defaults: k_proj, v_proj, and down_proj as a feed-forward module
+    mlps = [m for m in ours.modules() if type(m).__name__ == "LlamaMLP"]
+    assert mlps and all("forward" in m.__dict__ for m in mlps)  # taken over: ops.ia3_glu_linear
+    ids = input_ids(batch=3, seq=11)
+    saved = []
+    for model in (ours, ref):
+        with SavedTensors(exclude=list(model.parameters())) as s:
+            output(model, ids)
+        saved.append(s.nbytes)
+    product = len(mlps) * ids.numel() * ours.config.intermediate_size * 4  # act * up per layer, float32
+    assert saved[0] <= saved[1] - product  # peft keeps that product for its scale's gradient; we do not
+    before = output(ours, ids)
+    peftops.unpatch(ours)
+    assert not any("forward" in m.__dict__ for m in mlps)
+    assert not torch.equal(output(ours, ids), before)  # the base model again (the IA3 vectors were random)
 
 
 def test_only_ia3_vectors_train_and_unpatch_restores():

@@ -7,27 +7,32 @@
 namespace peftops::ia3 {
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  const at::Tensor& scale, bool feedforward) {
-  TORCH_CHECK_VALUE(x.dim() >= 1, "ia3_linear: x must have shape [..., in_features], got a 0-d tensor");
-  TORCH_CHECK_VALUE(weight.dim() == 2, "ia3_linear: weight must be 2-D [out, in], got shape ", weight.sizes());
+                  const at::Tensor& scale, bool feedforward, const char* op, const char* x_name) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": ", x_name, " must have shape [..., in_features], got a 0-d tensor");
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [out, in], got shape ", weight.sizes());
   const auto in = weight.size(1), out = weight.size(0);
-  TORCH_CHECK_VALUE(x.size(-1) == in, "ia3_linear: x has ", x.size(-1), " input features but weight expects ", in);
+  TORCH_CHECK_VALUE(x.size(-1) == in, op, ": ", x_name, " has ", x.size(-1), " input features but weight expects ",
+                    in);
   const auto want = feedforward ? in : out;
-  TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) == want, "ia3_linear: ia3_scale must have ", want, " elements (",
+  TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) == want, op, ": ia3_scale must have ", want, " elements (",
                     feedforward ? "in_features, feedforward=True" : "out_features", "), got shape ", scale.sizes());
   const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-                   "ia3_linear: x must be float32, bfloat16, float16 or float64, got ", dt);
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, op, ": ", x_name,
+                   " must be float32, bfloat16, float16 or float64, got ", dt);
   const std::pair<const at::Tensor*, const char*> others[] = {{&weight, "weight"}, {&scale, "ia3_scale"}};
   for (const auto& [t, name] : others) {
-    TORCH_CHECK_TYPE(t->scalar_type() == dt, "ia3_linear: ", name, " has dtype ", t->scalar_type(), " but x has ", dt);
-    TORCH_CHECK_VALUE(t->device() == x.device(), "ia3_linear: ", name, " is on ", t->device(), " but x is on ", x.device());
+    TORCH_CHECK_TYPE(t->scalar_type() == dt, op, ": ", name, " has dtype ", t->scalar_type(), " but ", x_name,
+                     " has ", dt);
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but ", x_name, " is on ",
+                      x.device());
   }
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "ia3_linear: bias must be [", out, "], got shape ",
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, op, ": bias must be [", out, "], got shape ",
                       bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == dt, "ia3_linear: bias has dtype ", bias->scalar_type(), " but x has ", dt);
-    TORCH_CHECK_VALUE(bias->device() == x.device(), "ia3_linear: bias is on ", bias->device(), " but x is on ", x.device());
+    TORCH_CHECK_TYPE(bias->scalar_type() == dt, op, ": bias has dtype ", bias->scalar_type(), " but ", x_name,
+                     " has ", dt);
+    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but ", x_name, " is on ",
+                      x.device());
   }
 }
 
@@ -48,9 +53,11 @@ TORCH_LIBRARY_FRAGMENT(peftops, m) {
   // feedforward=False: (x W^T + b) o l, l [out];  feedforward=True: (x o l) W^T + b, l [in]. W frozen.
   m.def("ia3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor ia3_scale, *, bool feedforward=False) -> Tensor");
   m.def("ia3_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor ia3_scale, bool feedforward) -> Tensor");
-  // Saves only x: the base output that the output scaling's gradient needs is recomputed, never kept.
-  m.def("ia3_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor ia3_scale, "
-        "bool feedforward, bool[3] output_mask) -> (Tensor grad_x, Tensor grad_bias, Tensor grad_scale)");
+  // x: the input (the feed-forward scale's gradient needs it); base: x W^T + b where the output scaling's gradient
+  // needs it and it was kept (recomputed from x when not given).
+  m.def("ia3_linear_backward(Tensor grad_out, Tensor? x, Tensor? base, Tensor weight, Tensor? bias, "
+        "Tensor ia3_scale, bool feedforward, bool[3] output_mask) -> (Tensor grad_x, Tensor grad_bias, "
+        "Tensor grad_scale)");
 }
 
 TORCH_LIBRARY_IMPL(peftops, CompositeImplicitAutograd, m) { m.impl("ia3_linear", &ia3_linear); }

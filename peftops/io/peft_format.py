@@ -12,7 +12,7 @@ import torch
 
 from ..config import IA3Config, LoraConfig
 from ..layers.lora import conv1d_class
-from ..patch import adapter, backend
+from ..patch import adapter
 from ..patch.targets import default_lora_targets, is_feedforward
 
 CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"

@@ -28,6 +28,13 @@ class Ia3Linear(nn.Module):
         return ops.ia3_linear(x, base_weight(self.base_layer), self.base_layer.bias, self.ia3_l,
                               feedforward=self.feedforward)
 
+    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """This feed-forward layer over a gated block's product `gate * up`, keeping only the two factors for
+        backward (ops.ia3_glu_linear); peftops.patch routes Llama-style MLPs through it."""
+        if self.merged or not self.feedforward:
+            return self(gate * up)
+        return ops.ia3_glu_linear(gate, up, base_weight(self.base_layer), self.base_layer.bias, self.ia3_l)
+
     @torch.no_grad()
     def merge(self) -> nn.Module:
         """Fold `l` into the base weight as peft's merge does (rows for output scaling, columns for input scaling;

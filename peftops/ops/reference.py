@@ -74,6 +74,11 @@ def ia3_linear(x, weight, bias, ia3_scale, feedforward=False):
     return F.linear(x, weight.detach(), bias) * l
 
 
+def ia3_glu_linear(gate, up, weight, bias, ia3_scale):
+    """peft's IA3 on a gated feed-forward block's down projection: `((gate * up) * l) W^T + b`."""
+    return F.linear(gate * up * ia3_scale.reshape(-1), weight.detach(), bias)
+
+
 def multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, adapter_index):
     """Every token row i gets `scales[a] * x_i A_a^T B_a^T` added for its adapter a = adapter_index[i] (-1: none)."""
     y = F.linear(x, weight.detach(), bias)

@@ -1,11 +1,12 @@
 """Adapter mode: peftops layers (LoRA, IA3) inserted in place of the targeted modules of a plain model."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..config import IA3Config, LoraConfig
 from ..layers.ia3 import Ia3Linear
 from ..layers.lora import LoraLinear
+from .gated_mlp import fuse_gated_blocks, unfuse_gated_blocks
 from .targets import default_ia3_modules, default_lora_targets, find_targets, is_feedforward
 
 STATE_ATTR = "_peftops_patch"
@@ -18,6 +19,7 @@ class PatchState:
     adapter_name: str
     layer_names: list
     requires_grad: list  # [(parameter, flag)]
+    gated_blocks: list = field(default_factory=list)  # feed-forward blocks whose forward IA3 took over
 
 
 def get_state(model: nn.Module):
@@ -85,11 +87,13 @@ def patch_ia3(model: nn.Module, config: IA3Config, adapter_name: str) -> nn.Modu
     found = find_targets(model, targets, config.target_modules is not None, technique="IA3")
     _insert(model, config, adapter_name,
             {name: Ia3Linear(module, is_feedforward(feedforward, name)) for name, module in found})
+    get_state(model).gated_blocks = fuse_gated_blocks(model)
     return model
 
 
 def unpatch_layers(model: nn.Module, merge: bool = False) -> nn.Module:
     state = get_state(model)
+    unfuse_gated_blocks(model, state.gated_blocks)
     for name in state.layer_names:
         layer = model.get_submodule(name)
         if merge:

@@ -1,4 +1,7 @@
-// Autograd of ia3_linear_forward: saves x only (plus the parameters); no gradient for the frozen weight.
+// Autograd of ia3_linear_forward: saves x, or for an output scaling that does not widen (out <= in) the base output
+// x W^T + b instead (no bigger, and no GEMM to recompute it); no gradient for the frozen weight.
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mul.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -7,6 +10,7 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
 
 class Ia3LinearFunction : public torch::autograd::Function<Ia3LinearFunction> {
  public:
@@ -17,9 +21,17 @@ class Ia3LinearFunction : public torch::autograd::Function<Ia3LinearFunction> {
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                            const at::Tensor&, bool)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto out = op.call(x, weight, bias, scale, feedforward);
-    ctx->save_for_backward({x, weight, bias.value_or(at::Tensor()), scale});
+    at::Tensor out, base;
+    if (!feedforward && weight.size(0) <= weight.size(1)) {
+      // Output scaling that does not widen: keep the base output (no bigger than x) rather than recompute it.
+      base = at::linear(x, weight, bias);
+      out = at::mul(base, scale);
+    } else {
+      out = op.call(x, weight, bias, scale, feedforward);
+    }
+    ctx->save_for_backward({base.defined() ? at::Tensor() : x, base, weight, bias.value_or(at::Tensor()), scale});
     ctx->saved_data["feedforward"] = feedforward;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return out;
   }
 
@@ -27,15 +39,15 @@ class Ia3LinearFunction : public torch::autograd::Function<Ia3LinearFunction> {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("peftops::ia3_linear_backward", "")
                          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                             const at::Tensor&, bool, std::array<bool, 3>)>();
-    const auto saved = ctx->get_saved_variables();
-    const bool has_bias = saved[2].defined();
+                             const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
+                             const OptTensor&, const at::Tensor&, bool, std::array<bool, 3>)>();
+    const auto s = ctx->get_saved_variables();
+    const auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
     // Gradient edges are numbered over the tensors given: x, weight, [bias,] ia3_scale.
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_bias && ctx->needs_input_grad(2),
                                       ctx->needs_input_grad(has_bias ? 3 : 2)};
-    auto [dx, db, dl] = op.call(grads[0].contiguous(), saved[0], saved[1],
-                                has_bias ? std::optional<at::Tensor>(saved[2]) : std::nullopt, saved[3],
+    auto [dx, db, dl] = op.call(grads[0].contiguous(), opt(s[0]), opt(s[1]), s[2], opt(s[3]), s[4],
                                 ctx->saved_data["feedforward"].toBool(), mask);
     return {mask[0] ? dx : at::Tensor(), at::Tensor(), mask[1] ? db : at::Tensor(), mask[2] ? dl : at::Tensor(),
             at::Tensor()};

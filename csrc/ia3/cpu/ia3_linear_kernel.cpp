@@ -1,6 +1,6 @@
 // IA3 on the CPU (KERNELS.md, "IA3"): the vendor GEMM for the product, the scaling fused into one vectorised
 // pass over its input or output, and every vector gradient reduced in a single pass over the rows. The output
-// scaling's gradient needs the base output: it is recomputed in backward (one GEMM), never kept.
+// scaling's gradient needs the base output: kept by autograd where it is no bigger than x, else recomputed here.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/addmm.h>
@@ -67,30 +67,39 @@ at::Tensor ia3_linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ia3_linear_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& scale, bool feedforward, std::array<bool, 3> output_mask) {
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& base,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& scale, bool feedforward,
+    std::array<bool, 3> output_mask) {
   const auto [need_x, need_bias, need_scale] = output_mask;
-  const auto dy = rows(grad_out), x2 = rows(x);
+  const auto dy = rows(grad_out);
   const int64_t N = dy.size(0), in = weight.size(1), out = weight.size(0);
-  const auto empty = [&] { return at::empty({0}, x.options()); };
+  auto x_shape = grad_out.sizes().vec();
+  x_shape.back() = in;
+  const auto x2 = [&] {
+    TORCH_CHECK(x.has_value() && x->defined(), "ia3_linear_backward: x is needed");
+    return rows(*x);
+  };
+  const auto dtype = grad_out.scalar_type();
+  const auto empty = [&] { return at::empty({0}, grad_out.options()); };
   at::Tensor dx = empty(), db = empty(), dl = empty();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ia3_linear_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "ia3_linear_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto l = as_vector<scalar_t>(scale);
-    const auto acc_opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
+    const auto acc_opts = grad_out.options().dtype(at::toOpMathType(dtype));
     if (feedforward) {
       // g = dy W; one pass over g and x: dx = g o l (in place in g), dl = sum_rows(g o x).
       if (need_x || need_scale) {
         auto g = at::mm(dy, weight);
         auto sums = at::empty({in}, acc_opts);
-        const scalar_t* xp = x2.const_data_ptr<scalar_t>();
+        const auto xr2 = need_scale ? x2() : at::Tensor();
+        const scalar_t* xp = need_scale ? xr2.const_data_ptr<scalar_t>() : nullptr;
         scalar_t* gp = g.data_ptr<scalar_t>();
         cpu::rows_reducing<acc_t>(N, in, need_scale ? in : 0, sums.data_ptr<acc_t>(), [&](int64_t n, acc_t* part) {
           thread_local std::vector<acc_t> gr, xr;
           gr.resize(in), xr.resize(in);
           at::vec::convert(gp + n * in, gr.data(), in);
           if (need_scale) {
-            at::vec::convert(xp + n * x2.stride(0), xr.data(), in);
+            at::vec::convert(xp + n * xr2.stride(0), xr.data(), in);
             for (int64_t k = 0; k < in; ++k) part[k] += gr[k] * xr[k];
           }
           if (need_x) {
@@ -98,19 +107,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ia3_linear_backward_cpu(
             at::vec::convert(gr.data(), gp + n * in, in);
           }
         });
-        if (need_x) dx = g.view(x.sizes());
+        if (need_x) dx = g.view(x_shape);
         if (need_scale) dl = sums.to(scale.scalar_type());
       }
-      if (need_bias) db = dy.sum(0, false, acc_opts.dtype().toScalarType()).to(x.scalar_type());
+      if (need_bias) db = dy.sum(0, false, acc_opts.dtype().toScalarType()).to(dtype);
     } else {
       // One pass over dy (and the recomputed base output): dy o l for dx, sum_rows(dy o base) for dl,
       // sum_rows(dy) o l for the bias.
-      const auto base = need_scale ? base_product(x2, weight, bias) : at::Tensor();
+      const auto z = !need_scale ? at::Tensor()
+                     : base.has_value() && base->defined() ? base->reshape({-1, out}).contiguous()
+                                                           : base_product(x2(), weight, bias);
       auto gs = need_x ? at::empty({N, out}, dy.options()) : at::Tensor();
       const int64_t width = (need_scale ? out : 0) + (need_bias ? out : 0);
       auto sums = at::empty({width}, acc_opts);
       const scalar_t* gp = dy.const_data_ptr<scalar_t>();
-      const scalar_t* bp = need_scale ? base.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* bp = need_scale ? z.const_data_ptr<scalar_t>() : nullptr;
       scalar_t* sp = need_x ? gs.data_ptr<scalar_t>() : nullptr;
       cpu::rows_reducing<acc_t>(N, out, width, sums.data_ptr<acc_t>(), [&](int64_t n, acc_t* part) {
         thread_local std::vector<acc_t> gr, br;
@@ -129,12 +140,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ia3_linear_backward_cpu(
           at::vec::convert(gr.data(), sp + n * out, out);
         }
       });
-      if (need_x) dx = at::mm(gs, weight).view(x.sizes());
+      if (need_x) dx = at::mm(gs, weight).view(x_shape);
       if (need_scale) dl = sums.narrow(0, 0, out).to(scale.scalar_type());
       if (need_bias) {
         auto lt = at::empty({out}, acc_opts);
         std::copy(l.begin(), l.end(), lt.data_ptr<acc_t>());
-        db = sums.narrow(0, need_scale ? out : 0, out).mul(lt).to(x.scalar_type());
+        db = sums.narrow(0, need_scale ? out : 0, out).mul(lt).to(dtype);
       }
     }
   });

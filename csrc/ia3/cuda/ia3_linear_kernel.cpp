@@ -1,5 +1,5 @@
 // IA3 on CUDA: cuBLAS for the product, ATen's fused elementwise and reduction kernels for the scaling and the
-// vector gradients; the base output the output scaling's gradient needs is recomputed, never kept.
+// vector gradients; the base output the output scaling's gradient needs is kept or recomputed (autograd's choice).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -30,23 +30,34 @@ at::Tensor ia3_linear_forward_cuda(const at::Tensor& x, const at::Tensor& weight
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ia3_linear_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& scale, bool feedforward, std::array<bool, 3> output_mask) {
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& base,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& scale, bool feedforward,
+    std::array<bool, 3> output_mask) {
   const auto [need_x, need_bias, need_scale] = output_mask;
-  c10::cuda::CUDAGuard guard(x.device());
-  const auto dy = grad_out.reshape({-1, grad_out.size(-1)}), x2 = x.reshape({-1, x.size(-1)});
-  const auto empty = [&] { return at::empty({0}, x.options()); };
+  c10::cuda::CUDAGuard guard(grad_out.device());
+  const auto dy = grad_out.reshape({-1, grad_out.size(-1)});
+  auto x_shape = grad_out.sizes().vec();
+  x_shape.back() = weight.size(1);
+  const auto x2 = [&] {
+    TORCH_CHECK(x.has_value() && x->defined(), "ia3_linear_backward: x is needed");
+    return x->reshape({-1, x->size(-1)});
+  };
+  const auto empty = [&] { return at::empty({0}, grad_out.options()); };
   at::Tensor dx = empty(), db = empty(), dl = empty();
   if (feedforward) {
     if (need_x || need_scale) {
       const auto g = at::mm(dy, weight);
-      if (need_x) dx = at::mul(g, scale).view(x.sizes());
-      if (need_scale) dl = at::mul(g, x2).sum(0);
+      if (need_x) dx = at::mul(g, scale).view(x_shape);
+      if (need_scale) dl = at::mul(g, x2()).sum(0);
     }
     if (need_bias) db = dy.sum(0);
   } else {
-    if (need_x) dx = at::mm(at::mul(dy, scale), weight).view(x.sizes());
-    if (need_scale) dl = at::mul(dy, base_product(x2, weight, bias)).sum(0);
+    if (need_x) dx = at::mm(at::mul(dy, scale), weight).view(x_shape);
+    if (need_scale) {
+      const auto z = base.has_value() && base->defined() ? base->reshape({-1, base->size(-1)})
+                                                         : base_product(x2(), weight, bias);
+      dl = at::mul(dy, z).sum(0);
+    }
     if (need_bias) db = dy.sum(0).mul_(scale);
   }
   return {dx, db, dl};
