@@ -10,7 +10,7 @@ from lora_training import TECHNIQUES, batches, lm_loss, patched_llama
 
 # technique -> (dropout, our op's name, how many calls of it one decoder block makes)
 OPS = {"lora": (0.1, "lora_linear", 7), "dora": (0.0, "dora_linear", 7),
-       "ia3": (0.0, "ia3_linear", 3),  # k_proj, v_proj, down_proj
+       "ia3": (0.0, "peftops.ia3_", 3),  # k_proj, v_proj (ia3_linear), down_proj (ia3_glu_linear)
        "prefix": (0.0, "prefix_attention", 1), "adapter": (0.0, "adapter_bottleneck", 2)}  # houlsby: attn + mlp
 
 

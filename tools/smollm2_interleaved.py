@@ -1,0 +1,79 @@
+"""peftops against peft on SmolLM2-135M (the demo's cache) for one technique: a training step (forward, backward,
+AdamW), timed round-robin in one process so that every model sees the same machine state, and saved-for-backward
+bytes against the frozen model (which trains only the input embeddings, so its backward runs through every layer).
+
+    python tools/smollm2_interleaved.py ia3 --rounds 8
+    python tools/smollm2_interleaved.py prefix --prefix 20 --rounds 6
+    python tools/smollm2_interleaved.py prefix --prefix 128 --batch 8 --rounds 4
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import peft
+import torch
+from transformers import AutoModelForCausalLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benches")]  # this checkout (built in place) and the bench helpers
+import peftops  # noqa: E402
+from benchutil import saved_bytes  # noqa: E402
+
+
+def build(impl, args):
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, "demo", ".cache", "smollm2-135m")).train()
+    if impl == "frozen":
+        model.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(True)
+        return model
+    if args.technique == "ia3":
+        if impl == "peftops":
+            return peftops.patch(model, peftops.IA3Config())
+        return peft.get_peft_model(model, peft.IA3Config(target_modules=None, feedforward_modules=None))
+    if impl == "peftops":
+        return peftops.patch(model, peftops.PrefixConfig(args.prefix))
+    return peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.prefix))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("technique", choices=["ia3", "prefix"])
+    ap.add_argument("--prefix", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=6)
+    args = ap.parse_args()
+    ids = torch.randint(49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    models = {impl: build(impl, args) for impl in ("frozen", "peftops", "peft")}
+    optims = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
+
+    def loss(model):
+        return model(input_ids=ids, labels=ids).loss
+
+    def step(k):
+        optims[k].zero_grad(set_to_none=True)
+        loss(models[k]).backward()
+        optims[k].step()
+
+    saved, times = {}, {k: [] for k in models}
+    for k, m in models.items():
+        saved[k] = saved_bytes(lambda: loss(m), exclude=list(m.parameters()))[1]
+        step(k)  # warm-up
+    for _ in range(args.rounds):
+        for k in models:
+            start = time.perf_counter()
+            step(k)
+            times[k].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    what = args.technique + (f" P={args.prefix}" if args.technique == "prefix" else "")
+    print(f"SmolLM2-135M {what} fp32 batch={args.batch} seq={args.seq} rounds={args.rounds} "
+          f"threads={torch.get_num_threads()}")
+    for k in models:
+        print(f"  {k:8s} {med[k] * 1e3:8.0f} ms  {med[k] / med['peft']:.3f}x peft  {med[k] / med['frozen']:.3f}x "
+              f"frozen   saved {saved[k] / 2**20:7.1f} MiB ({(saved[k] - saved['frozen']) / 2**20:+.1f} over frozen)")
+
+
+if __name__ == "__main__":
+    main()
