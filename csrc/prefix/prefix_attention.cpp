@@ -1,9 +1,11 @@
 // Attention over trainable prefix keys/values shared by every batch row, plus each row's own keys, without
 // building cat([prefix, k]) or a per-row copy of the prefix (KERNELS.md, "Prefix attention"):
-//   prefix segment: the batch is one GEMM-shaped problem per kv head, [B * G * L, D] x [D, P];
-//   sequence segment: tiled online-softmax attention (ATen's flash kernel on the CPU) returning its LSE;
-//   the two merged exactly by their log-sum-exp. Grouped-query attention reads each kv head once: the G query
-//   heads sharing it are G * L query rows against it (no K/V expansion).
+//   prefix segment: per batch row one batched GEMM over the query heads against the shared [P, D] prefix
+//     (grouped-query attention: the tiny prefix is repeated over the G query heads of a kv head, never over rows);
+//   sequence segment: tiled online-softmax attention (ATen's flash kernel on the CPU, which reads each kv head once
+//     for its G query heads) returning its LSE;
+//   the two merged exactly by their log-sum-exp. q, k, v and dO are read in the layout attention hands them over
+//   (transposed views), and the output is written in SDPA's layout, so no relayout copies are made around the op.
 // Backward recomputes both segments' probabilities from the saved merged LSE (FlashAttention's formulas with
 // D = rowsum(dO o O)); the prefix gradients are reduced over the batch inside the same GEMMs.
 #include <ATen/core/Tensor.h>
@@ -19,6 +21,7 @@
 #include <ATen/ops/logsumexp.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/repeat_interleave.h>
 #include <ATen/ops/sub.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
@@ -85,8 +88,8 @@ Shapes shapes(const Tensor& q, const Tensor& k, const Tensor& pk, std::optional<
   return s;
 }
 
-// The sequence segment's visibility [B, 1, G * L, S]: padding (True = attend), and causality aligned to the end
-// of the sequence (query l sees keys j <= l + S - L). Undefined when everything is visible.
+// The sequence segment's visibility [B, 1, L, S]: padding (True = attend), and causality aligned to the end of the
+// sequence (query l sees keys j <= l + S - L). Undefined when everything is visible.
 Tensor visible_keys(const Shapes& s, const OptTensor& attn_mask, bool is_causal, const Tensor& like) {
   if (!has(attn_mask) && !is_causal) return Tensor();
   auto allowed = at::full({s.B, 1, s.L, s.S}, true, like.options().dtype(at::kBool));
@@ -96,25 +99,49 @@ Tensor visible_keys(const Shapes& s, const OptTensor& attn_mask, bool is_causal,
     const auto rows = at::arange(s.L, opts).view({s.L, 1}), cols = at::arange(s.S, opts).view({1, s.S});
     allowed = allowed.logical_and(cols.le(rows.add(s.S - s.L)));
   }
-  // the G query heads of a kv head are G blocks of L query rows
-  return allowed.unsqueeze(2).expand({s.B, 1, s.G, s.L, s.S}).reshape({s.B, 1, s.G * s.L, s.S});
+  return allowed;
+}
+
+// The same for grouped query rows: the G query heads of a kv head are G blocks of L rows -> [B, 1, G * L, S].
+Tensor grouped_rows(const Tensor& visible, const Shapes& s) {
+  if (!visible.defined()) return visible;
+  return visible.unsqueeze(2).expand({s.B, 1, s.G, s.L, s.S}).reshape({s.B, 1, s.G * s.L, s.S});
+}
+
+// An additive mask (0 / -inf) from a visibility.
+Tensor additive(const Tensor& visible, const Tensor& like) {
+  if (!visible.defined()) return visible;
+  return at::zeros(visible.sizes(), like.options()).masked_fill_(visible.logical_not(), -kInf);
 }
 
 // Flash attention's own causal mode (top-left aligned) equals ours (aligned to the end) when L == S; it skips the
-// masked blocks instead of reading a dense mask. Usable when that is the only masking and each row of qg is one
-// query position (no grouped heads folded into the rows). CPU only: elsewhere the dense path masks explicitly.
+// masked blocks instead of reading a dense mask. Usable when that is the only masking. CPU only: elsewhere the
+// dense path masks explicitly.
 bool flash_causal(const Tensor& q, const Shapes& s, const OptTensor& attn_mask, bool is_causal) {
-  return q.is_cpu() && is_causal && !has(attn_mask) && s.L == s.S && s.G == 1;
+  return q.is_cpu() && is_causal && !has(attn_mask) && s.L == s.S;
 }
 
-// q as [B, Hkv, G * L, D]: a view (heads sharing a kv head are adjacent).
+// q as [B, Hkv, G * L, D] (q contiguous: a view; heads sharing a kv head are adjacent).
 Tensor grouped(const Tensor& q, const Shapes& s) { return q.reshape({s.B, s.Hkv, s.G * s.L, s.D}); }
 
-// alpha * a w per kv head: a [B, Hkv, GL, X], w [Hkv, X, Y] shared by the batch (or [B, Hkv, X, Y] per row)
-// -> [B, Hkv, GL, Y]. A shared prefix is read as it is by one batched GEMM per batch row: no copy of it per row
-// and no relayout of a.
+// The prefix for every query head: [Hkv, P, D] -> [Hq, P, D] ([B, Hkv, P, D] -> [B, Hq, P, D] per row). A copy of
+// the small prefix over the G heads that share a kv head, never over the batch.
+Tensor per_query_head(const Tensor& t, const Shapes& s) { return s.G == 1 ? t : t.repeat_interleave(s.G, -3); }
+
+// Its gradient back: the sum over the G query heads of each kv head, [..., Hq, P, D] -> [..., Hkv, P, D].
+Tensor per_kv_head(const Tensor& t, const Shapes& s) {
+  if (s.G == 1) return t;
+  auto sizes = t.sizes().vec();
+  sizes.insert(sizes.end() - 3, s.Hkv);
+  sizes[sizes.size() - 3] = s.G;
+  return t.view(sizes).sum(-3);
+}
+
+// alpha * a w per query head: a [B, Hq, L, X] (any strides: attention's transposed q and dO are read in place), w
+// [Hq, X, Y] shared by the batch (or [B, Hq, X, Y] per row) -> [B, Hq, L, Y]. A shared prefix is read as it is by
+// one batched GEMM per batch row: no copy of it per row and no relayout of a.
 Tensor head_gemm(const Tensor& a, const Tensor& w, const Shapes& s, double alpha = 1.0) {
-  auto out = at::empty({s.B, s.Hkv, s.G * s.L, w.size(-1)}, a.options());
+  auto out = at::empty({s.B, s.Hq, s.L, w.size(-1)}, a.options());
   for (int64_t b = 0; b < s.B; ++b) {
     auto out_b = out[b];
     at::baddbmm_out(out_b, out_b, a[b], w.dim() == 4 ? w[b] : w, 0.0, alpha);
@@ -122,35 +149,38 @@ Tensor head_gemm(const Tensor& a, const Tensor& w, const Shapes& s, double alpha
   return out;
 }
 
-// alpha * sum over the batch and the query rows of a^T c per kv head -> [Hkv, X, Y] ([B, Hkv, X, Y] per row):
+// alpha * sum over the batch and the query rows of a^T c per query head -> [Hq, X, Y] ([B, Hq, X, Y] per row):
 // the prefix gradients reduced over the batch inside the GEMMs' accumulation.
 Tensor head_reduce(const Tensor& a, const Tensor& c, const Shapes& s, bool per_row, double alpha = 1.0) {
   if (per_row) return at::matmul(a.transpose(-1, -2), c).mul_(alpha);
-  auto out = at::zeros({s.Hkv, a.size(-1), c.size(-1)}, a.options());
+  auto out = at::zeros({s.Hq, a.size(-1), c.size(-1)}, a.options());
   for (int64_t b = 0; b < s.B; ++b) out.baddbmm_(a[b].transpose(1, 2), c[b], 1.0, alpha);
   return out;
 }
 
-// Sequence segment: (o [B, Hkv, GL, D], lse [B, Hkv, GL] float, -inf where no key is visible).
-std::tuple<Tensor, Tensor> sequence_attention(const Tensor& qg, const Tensor& k, const Tensor& v, const Tensor& visible,
+// Sequence segment: (o [B, Hq, L, D] (any strides), lse [B, Hq, L] float, -inf where no key is visible). On the CPU,
+// ATen's flash kernel reads q, k, v in place, each kv head once for its G query heads (grouped-query attention
+// natively, causal blocks skipped); elsewhere the grouped rows against the keys with a transient [GL, S] matrix.
+std::tuple<Tensor, Tensor> sequence_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& visible,
                                               bool causal, const Shapes& s) {
-  const auto acc = qg.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto bias = visible.defined() ? at::zeros(visible.sizes(), qg.options()).masked_fill_(visible.logical_not(), -kInf)
-                                      : Tensor();
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor o, lse;
-  if (qg.is_cpu() && s.S > 0) {
-    std::tie(o, lse) = at::_scaled_dot_product_flash_attention_for_cpu(qg, k, v, 0.0, causal,
+  if (q.is_cpu() && s.S > 0) {
+    const auto bias = additive(visible, q);
+    std::tie(o, lse) = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
                                                                        bias.defined() ? OptTensor(bias) : std::nullopt,
                                                                        s.scale);
-  } else {  // CUDA: the same math with the [GL, S] scores as a transient matrix
-    auto z = at::matmul(qg.to(acc), k.to(acc).transpose(-1, -2)).mul_(s.scale);
-    if (bias.defined()) z.add_(bias.to(acc));
-    lse = at::logsumexp(z, {-1});
-    o = at::matmul(at::exp(z.sub_(lse.unsqueeze(-1))).nan_to_num_(0.0), v.to(acc)).to(qg.scalar_type());
+    lse = lse.to(acc);
+    if (visible.defined()) lse.masked_fill_(visible.any(-1).logical_not(), -kInf);  // [B, 1, L] over the heads
+    return {o, lse};
   }
-  lse = lse.to(acc);
-  if (visible.defined()) lse.masked_fill_(visible.any(-1).logical_not(), -kInf);
-  return {o, lse};
+  const auto qg = grouped(q.contiguous(), s), vis = grouped_rows(visible, s), bias = additive(vis, q);
+  auto z = at::matmul(qg.to(acc), k.to(acc).transpose(-1, -2)).mul_(s.scale);
+  if (bias.defined()) z.add_(bias.to(acc));
+  lse = at::logsumexp(z, {-1});
+  o = at::matmul(at::exp(z.sub_(lse.unsqueeze(-1))).nan_to_num_(0.0), v.to(acc)).to(q.scalar_type());
+  if (vis.defined()) lse.masked_fill_(vis.any(-1).logical_not(), -kInf);
+  return {o.view(q.sizes()), lse.view({s.B, s.Hq, s.L})};
 }
 
 std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -158,20 +188,25 @@ std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tenso
                                                     bool is_causal, std::optional<double> scale) {
   check_inputs(q, k, v, pk, pv, attn_mask);
   const auto s = shapes(q, k, pk, scale);
-  const auto qg = grouped(q.contiguous(), s);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // prefix segment: every key visible
-  auto p = head_gemm(qg.to(acc), pk.to(acc).transpose(-1, -2), s, s.scale);
+  auto p = head_gemm(q.to(acc), per_query_head(pk.to(acc), s).transpose(-1, -2), s, s.scale);
   const auto lse_p = at::logsumexp(p, {-1});
-  const auto o_p = head_gemm(p.sub_(lse_p.unsqueeze(-1)).exp_(), pv.to(acc), s);
+  const auto o_p = head_gemm(p.sub_(lse_p.unsqueeze(-1)).exp_(), per_query_head(pv.to(acc), s), s);
   const bool causal = flash_causal(q, s, attn_mask, is_causal);
   const auto visible = causal ? Tensor() : visible_keys(s, attn_mask, is_causal, q);
-  const auto [o_s, lse_s] = sequence_attention(qg, k.contiguous(), v.contiguous(), visible, causal, s);
-  // merge by log-sum-exp; a segment with no visible key has lse = -inf and weight 0
+  const auto [o_s, lse_s] = sequence_attention(q, k, v, visible, causal, s);
+  // merge by log-sum-exp; a segment with no visible key has lse = -inf and weight 0. The output is laid out as
+  // [B, L, Hq, D] in memory, as SDPA's, so that attention's transpose back to [B, L, Hq * D] is free.
   const auto lse = at::logaddexp(lse_p, lse_s);
-  const auto o = o_p.mul_(at::exp(lse_p.sub(lse)).unsqueeze(-1))
-                     .addcmul_(at::exp(lse_s.sub(lse)).unsqueeze(-1), o_s.to(acc));
-  return {o.to(q.scalar_type()).contiguous().view(q.sizes()), lse.contiguous().view({s.B, s.Hq, s.L})};
+  const auto w_p = at::exp(lse_p.sub(lse)).unsqueeze(-1), w_s = at::exp(lse_s.sub(lse)).unsqueeze(-1);
+  auto out = at::empty({s.B, s.L, s.Hq, s.D}, q.options()).transpose(1, 2);
+  if (q.scalar_type() == acc) {
+    at::mul_out(out, o_p, w_p).addcmul_(w_s, o_s);
+  } else {
+    out.copy_(o_p.mul_(w_p).addcmul_(w_s, o_s.to(acc)));
+  }
+  return {out, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
@@ -179,17 +214,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
     const Tensor& out, const Tensor& lse, const OptTensor& attn_mask, bool is_causal, std::optional<double> scale) {
   const auto s = shapes(q, k, pk, scale);
   const auto acc = lse.scalar_type();
-  const auto qg = grouped(q.contiguous(), s), dog = grouped(grad_out.contiguous(), s), og = grouped(out.contiguous(), s);
-  const auto lse_g = lse.view({s.B, s.Hkv, s.G * s.L});
+  const auto qa = q.to(acc), doa = grad_out.to(acc);
   // D = rowsum(dO o O); every probability recomputed as exp(z - lse) with the merged lse
-  const auto delta = at::mul(dog.to(acc), og.to(acc)).sum(-1, true);
+  const auto delta = at::mul(doa, out.to(acc)).sum(-1, true);
   // prefix segment: dz = p o (dO V_P^T - D) (scaled), its gradients reduced over the batch inside the GEMMs
   const bool per_row = pk.dim() == 4;
-  const auto pk_acc = pk.to(acc), pv_acc = pv.to(acc), dog_acc = dog.to(acc), qg_acc = qg.to(acc);
-  const auto p = head_gemm(qg_acc, pk_acc.transpose(-1, -2), s, s.scale).sub_(lse_g.unsqueeze(-1)).exp_();
-  const auto dz = head_gemm(dog_acc, pv_acc.transpose(-1, -2), s).sub_(delta).mul_(p);
-  const auto dpv = head_reduce(p, dog_acc, s, per_row), dpk = head_reduce(dz, qg_acc, s, per_row, s.scale);
-  auto dq = head_gemm(dz, pk_acc, s, s.scale);  // [B, Hkv, GL, D]
+  const auto pk_q = per_query_head(pk.to(acc), s), pv_q = per_query_head(pv.to(acc), s);
+  const auto p = head_gemm(qa, pk_q.transpose(-1, -2), s, s.scale).sub_(lse.unsqueeze(-1)).exp_();
+  const auto dz = head_gemm(doa, pv_q.transpose(-1, -2), s).sub_(delta).mul_(p);
+  const auto dpv = per_kv_head(head_reduce(p, doa, s, per_row), s);
+  const auto dpk = per_kv_head(head_reduce(dz, qa, s, per_row, s.scale), s);
+  auto dq = head_gemm(dz, pk_q, s, s.scale);  // [B, Hq, L, D], contiguous
   // sequence segment
   const bool causal = flash_causal(q, s, attn_mask, is_causal);
   const auto visible = causal ? Tensor() : visible_keys(s, attn_mask, is_causal, q);
@@ -197,27 +232,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
   if (s.S == 0) {
     dk = at::zeros(k.sizes(), k.options()), dv = at::zeros(v.sizes(), v.options());
   } else if (q.is_cpu()) {
-    const auto bias = visible.defined() ? at::zeros(visible.sizes(), q.options()).masked_fill_(visible.logical_not(), -kInf)
-                                        : Tensor();
+    const auto bias = additive(visible, q);
     // ATen's flash backward with the merged output and LSE: exactly the sequence keys' share of the gradients
     // (a row whose sequence keys are all masked gets lse from the prefix alone, so its probabilities are 0).
     auto [dq_s, dk_s, dv_s] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-        dog, qg, k.contiguous(), v.contiguous(), og, lse_g, 0.0, causal,
-        bias.defined() ? OptTensor(bias) : std::nullopt, s.scale);
-    dq.add_(dq_s.to(acc));
+        grad_out, q, k, v, out, lse, 0.0, causal, bias.defined() ? OptTensor(bias) : std::nullopt, s.scale);
+    dq.add_(dq_s);
     dk = dk_s, dv = dv_s;
   } else {
-    auto zs = at::matmul(qg.to(acc), k.to(acc).transpose(-1, -2)).mul_(s.scale);
-    if (visible.defined()) zs.masked_fill_(visible.logical_not(), -kInf);
+    const auto qg = grouped(qa.contiguous(), s), dog = grouped(doa.contiguous(), s), vis = grouped_rows(visible, s);
+    const auto lse_g = lse.view({s.B, s.Hkv, s.G * s.L}), delta_g = delta.view({s.B, s.Hkv, s.G * s.L, 1});
+    auto zs = at::matmul(qg, k.to(acc).transpose(-1, -2)).mul_(s.scale);
+    if (vis.defined()) zs.masked_fill_(vis.logical_not(), -kInf);
     const auto ps = at::exp(zs.sub_(lse_g.unsqueeze(-1)));
-    dv = at::matmul(ps.transpose(-1, -2), dog.to(acc));
-    const auto dzs = ps.mul(at::matmul(dog.to(acc), v.to(acc).transpose(-1, -2)).sub_(delta)).mul_(s.scale);
-    dq.add_(at::matmul(dzs, k.to(acc)));
-    dk = at::matmul(dzs.transpose(-1, -2), qg.to(acc));
+    dv = at::matmul(ps.transpose(-1, -2), dog);
+    const auto dzs = ps.mul(at::matmul(dog, v.to(acc).transpose(-1, -2)).sub_(delta_g)).mul_(s.scale);
+    dq.view({s.B, s.Hkv, s.G * s.L, s.D}).add_(at::matmul(dzs, k.to(acc)));
+    dk = at::matmul(dzs.transpose(-1, -2), qg);
   }
   const auto dt = q.scalar_type();
-  return {dq.to(dt).view(q.sizes()), dk.to(dt).contiguous(), dv.to(dt).contiguous(), dpk.to(dt).contiguous(),
-          dpv.to(dt).contiguous()};
+  return {dq.to(dt), dk.to(dt).contiguous(), dv.to(dt).contiguous(), dpk.to(dt).contiguous(), dpv.to(dt).contiguous()};
 }
 
 Tensor prefix_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk, const Tensor& pv,

@@ -21,8 +21,9 @@ if _extension.LOADED:
 
     @torch.library.register_fake("peftops::prefix_attention_forward")
     def _forward_fake(q, k, v, prefix_k, prefix_v, attn_mask, is_causal, scale):
-        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64
-                                                 else torch.float32)
+        B, H, L, D = q.shape  # the output in SDPA's memory layout, [B, L, H, D] transposed
+        return q.new_empty((B, L, H, D)).transpose(1, 2), q.new_empty(
+            (B, H, L), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
 
     @torch.library.register_fake("peftops::prefix_attention_backward")
     def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, out, lse, attn_mask, is_causal, scale):
