@@ -1,13 +1,14 @@
 // Attention over trainable prefix keys/values shared by every batch row, plus each row's own keys, without
-// building cat([prefix, k]) or a per-row copy of the prefix (KERNELS.md, "Prefix attention"):
-//   prefix segment: per batch row one batched GEMM over the query heads against the shared [P, D] prefix
-//     (grouped-query attention: the tiny prefix is repeated over the G query heads of a kv head, never over rows);
-//   sequence segment: tiled online-softmax attention (ATen's flash kernel on the CPU, which reads each kv head once
-//     for its G query heads) returning its LSE;
-//   the two merged exactly by their log-sum-exp. q, k, v and dO are read in the layout attention hands them over
-//   (transposed views), and the output is written in SDPA's layout, so no relayout copies are made around the op.
-// Backward recomputes both segments' probabilities from the saved merged LSE (FlashAttention's formulas with
-// D = rowsum(dO o O)); the prefix gradients are reduced over the batch inside the same GEMMs.
+// building cat([prefix, k]) or a per-row copy of the prefix (KERNELS.md, "Prefix attention"), as two segments merged
+// exactly by their log-sum-exp:
+//   on the CPU both run on ATen's flash kernel (tiled online softmax, no [L, P + S] matrix), which reads q, k, v in
+//     the layout attention hands them over and each kv head once for its G query heads; the prefix is given to it as
+//     a [B, Hkv, P, D] view with batch stride 0 (the same memory for every row);
+//   elsewhere (CUDA) the prefix segment is one batched GEMM per batch row over the query heads against the shared
+//     prefix (repeated over the G heads of a kv head, never over rows), the sequence segment a dense fallback.
+// The output is written in SDPA's layout, so no relayout copies are made around the op. Backward recomputes both
+// segments' probabilities from the saved merged LSE (FlashAttention's formulas with D = rowsum(dO o O)); the prefix
+// gradients are reduced over the batch.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
@@ -30,6 +31,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 namespace peftops::prefix {
@@ -114,11 +116,29 @@ Tensor additive(const Tensor& visible, const Tensor& like) {
   return at::zeros(visible.sizes(), like.options()).masked_fill_(visible.logical_not(), -kInf);
 }
 
+// Whether both segments run on ATen's CPU flash kernel (else the dense path, which CUDA runs; PEFTOPS_PREFIX_DENSE=1
+// forces it on the CPU too, so that the CPU tests exercise the code the GPU runs).
+bool use_flash(const Tensor& q) {
+  const char* dense = std::getenv("PEFTOPS_PREFIX_DENSE");
+  return q.is_cpu() && !(dense && dense[0] == '1');
+}
+
 // Flash attention's own causal mode (top-left aligned) equals ours (aligned to the end) when L == S; it skips the
 // masked blocks instead of reading a dense mask. Usable when that is the only masking. CPU only: elsewhere the
 // dense path masks explicitly.
 bool flash_causal(const Tensor& q, const Shapes& s, const OptTensor& attn_mask, bool is_causal) {
-  return q.is_cpu() && is_causal && !has(attn_mask) && s.L == s.S;
+  return use_flash(q) && is_causal && !has(attn_mask) && s.L == s.S;
+}
+
+// The shared prefix as a [B, Hkv, P, D] view with batch stride 0: every row reads the same memory, nothing is copied.
+Tensor batch_view(const Tensor& t, const Shapes& s) { return t.dim() == 4 ? t : t.expand({s.B, s.Hkv, s.P, s.D}); }
+
+// t [B, H, L, D] laid out as [B, L, H, D] in memory (SDPA's layout, which the fake kernels promise): t itself when it
+// already is (the flash kernel's outputs), else a copy.
+Tensor in_sdpa_layout(const Tensor& t) {
+  const auto B = t.size(0), H = t.size(1), L = t.size(2), D = t.size(3);
+  if (t.strides() == at::IntArrayRef({L * H * D, D, H * D, 1})) return t;
+  return at::empty({B, L, H, D}, t.options()).transpose(1, 2).copy_(t);
 }
 
 // q as [B, Hkv, G * L, D] (q contiguous: a view; heads sharing a kv head are adjacent).
@@ -165,7 +185,7 @@ std::tuple<Tensor, Tensor> sequence_attention(const Tensor& q, const Tensor& k, 
                                               bool causal, const Shapes& s) {
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor o, lse;
-  if (q.is_cpu() && s.S > 0) {
+  if (use_flash(q) && s.S > 0) {
     const auto bias = additive(visible, q);
     std::tie(o, lse) = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
                                                                        bias.defined() ? OptTensor(bias) : std::nullopt,
@@ -190,9 +210,16 @@ std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tenso
   const auto s = shapes(q, k, pk, scale);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // prefix segment: every key visible
-  auto p = head_gemm(q.to(acc), per_query_head(pk.to(acc), s).transpose(-1, -2), s, s.scale);
-  const auto lse_p = at::logsumexp(p, {-1});
-  const auto o_p = head_gemm(p.sub_(lse_p.unsqueeze(-1)).exp_(), per_query_head(pv.to(acc), s), s);
+  Tensor o_p, lse_p;
+  if (use_flash(q)) {  // the flash kernel over the stride-0 batch view of the prefix: no [L, P] matrix formed
+    std::tie(o_p, lse_p) = at::_scaled_dot_product_flash_attention_for_cpu(q, batch_view(pk, s), batch_view(pv, s), 0.0,
+                                                                           false, std::nullopt, s.scale);
+    lse_p = lse_p.to(acc);
+  } else {  // per batch row, one batched GEMM over the query heads against the shared prefix
+    auto p = head_gemm(q.to(acc), per_query_head(pk.to(acc), s).transpose(-1, -2), s, s.scale);
+    lse_p = at::logsumexp(p, {-1});
+    o_p = head_gemm(p.sub_(lse_p.unsqueeze(-1)).exp_(), per_query_head(pv.to(acc), s), s);
+  }
   const bool causal = flash_causal(q, s, attn_mask, is_causal);
   const auto visible = causal ? Tensor() : visible_keys(s, attn_mask, is_causal, q);
   const auto [o_s, lse_s] = sequence_attention(q, k, v, visible, causal, s);
@@ -204,9 +231,9 @@ std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tenso
   if (q.scalar_type() == acc) {
     at::mul_out(out, o_p, w_p).addcmul_(w_s, o_s);
   } else {
-    out.copy_(o_p.mul_(w_p).addcmul_(w_s, o_s.to(acc)));
+    out.copy_(o_p.to(acc).mul_(w_p).addcmul_(w_s, o_s.to(acc)));
   }
-  return {out, lse};
+  return {out, lse.contiguous()};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
@@ -214,24 +241,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
     const Tensor& out, const Tensor& lse, const OptTensor& attn_mask, bool is_causal, std::optional<double> scale) {
   const auto s = shapes(q, k, pk, scale);
   const auto acc = lse.scalar_type();
-  const auto qa = q.to(acc), doa = grad_out.to(acc);
-  // D = rowsum(dO o O); every probability recomputed as exp(z - lse) with the merged lse
-  const auto delta = at::mul(doa, out.to(acc)).sum(-1, true);
-  // prefix segment: dz = p o (dO V_P^T - D) (scaled), its gradients reduced over the batch inside the GEMMs
-  const bool per_row = pk.dim() == 4;
-  const auto pk_q = per_query_head(pk.to(acc), s), pv_q = per_query_head(pv.to(acc), s);
-  const auto p = head_gemm(qa, pk_q.transpose(-1, -2), s, s.scale).sub_(lse.unsqueeze(-1)).exp_();
-  const auto dz = head_gemm(doa, pv_q.transpose(-1, -2), s).sub_(delta).mul_(p);
-  const auto dpv = per_kv_head(head_reduce(p, doa, s, per_row), s);
-  const auto dpk = per_kv_head(head_reduce(dz, qa, s, per_row, s.scale), s);
-  auto dq = head_gemm(dz, pk_q, s, s.scale);  // [B, Hq, L, D], contiguous
+  const bool per_row = pk.dim() == 4, flash = use_flash(q);
+  // Both segments' probabilities are recomputed as exp(z - lse) with the merged lse, and D = rowsum(dO o O) with the
+  // merged output: each segment's backward then yields exactly its share of the gradients.
+  Tensor dq, dpk, dpv, delta;
+  if (flash) {  // ATen's flash backward over the stride-0 prefix view; the per-row prefix gradients summed after
+    auto [dq_p, dpk_b, dpv_b] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, batch_view(pk, s), batch_view(pv, s), out, lse, 0.0, false, std::nullopt, s.scale);
+    dq = dq_p.to(acc);
+    dpk = per_row ? dpk_b : dpk_b.sum(0, false, acc), dpv = per_row ? dpv_b : dpv_b.sum(0, false, acc);
+  } else {  // dz = p o (dO V_P^T - D) (scaled), the prefix gradients reduced over the batch inside the GEMMs
+    const auto qa = q.to(acc), doa = grad_out.to(acc);
+    delta = at::mul(doa, out.to(acc)).sum(-1, true);
+    const auto pk_q = per_query_head(pk.to(acc), s), pv_q = per_query_head(pv.to(acc), s);
+    const auto p = head_gemm(qa, pk_q.transpose(-1, -2), s, s.scale).sub_(lse.unsqueeze(-1)).exp_();
+    const auto dz = head_gemm(doa, pv_q.transpose(-1, -2), s).sub_(delta).mul_(p);
+    dpv = per_kv_head(head_reduce(p, doa, s, per_row), s);
+    dpk = per_kv_head(head_reduce(dz, qa, s, per_row, s.scale), s);
+    dq = head_gemm(dz, pk_q, s, s.scale);  // [B, Hq, L, D], contiguous
+  }
   // sequence segment
   const bool causal = flash_causal(q, s, attn_mask, is_causal);
   const auto visible = causal ? Tensor() : visible_keys(s, attn_mask, is_causal, q);
   Tensor dk, dv;
   if (s.S == 0) {
     dk = at::zeros(k.sizes(), k.options()), dv = at::zeros(v.sizes(), v.options());
-  } else if (q.is_cpu()) {
+  } else if (flash) {
     const auto bias = additive(visible, q);
     // ATen's flash backward with the merged output and LSE: exactly the sequence keys' share of the gradients
     // (a row whose sequence keys are all masked gets lse from the prefix alone, so its probabilities are 0).
@@ -240,7 +275,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
     dq.add_(dq_s);
     dk = dk_s, dv = dv_s;
   } else {
-    const auto qg = grouped(qa.contiguous(), s), dog = grouped(doa.contiguous(), s), vis = grouped_rows(visible, s);
+    const auto qg = grouped(q.to(acc).contiguous(), s), dog = grouped(grad_out.to(acc).contiguous(), s);
+    const auto vis = grouped_rows(visible, s);
     const auto lse_g = lse.view({s.B, s.Hkv, s.G * s.L}), delta_g = delta.view({s.B, s.Hkv, s.G * s.L, 1});
     auto zs = at::matmul(qg, k.to(acc).transpose(-1, -2)).mul_(s.scale);
     if (vis.defined()) zs.masked_fill_(vis.logical_not(), -kInf);
@@ -251,7 +287,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
     dk = at::matmul(dzs.transpose(-1, -2), qg);
   }
   const auto dt = q.scalar_type();
-  return {dq.to(dt), dk.to(dt).contiguous(), dv.to(dt).contiguous(), dpk.to(dt).contiguous(), dpv.to(dt).contiguous()};
+  return {in_sdpa_layout(dq.to(dt)), in_sdpa_layout(dk.to(dt)), in_sdpa_layout(dv.to(dt)), dpk.to(dt).contiguous(),
+          dpv.to(dt).contiguous()};
 }
 
 Tensor prefix_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk, const Tensor& pv,

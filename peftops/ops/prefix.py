@@ -27,4 +27,5 @@ if _extension.LOADED:
 
     @torch.library.register_fake("peftops::prefix_attention_backward")
     def _backward_fake(grad_out, q, k, v, prefix_k, prefix_v, out, lse, attn_mask, is_causal, scale):
-        return tuple(t.new_empty(t.shape) for t in (q, k, v, prefix_k, prefix_v))
+        sdpa_layout = [t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).transpose(1, 2) for t in (q, k, v)]
+        return (*sdpa_layout, prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape))
