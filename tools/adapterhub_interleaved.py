@@ -6,9 +6,7 @@ every model sees the same machine state, plus saved-for-backward bytes. Prints m
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import adapters
 import torch
@@ -18,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benches")]  # this checkout (built in place) and the bench helpers
 import peftops  # noqa: E402
 from benchutil import saved_bytes  # noqa: E402
+from interleave import interleaved  # noqa: E402
 
 AH = {"pfeiffer": (adapters.SeqBnConfig, "relu"), "houlsby": (adapters.DoubleSeqBnConfig, "swish")}
 OURS_ACT = {"relu": "relu", "swish": "silu"}
@@ -58,20 +57,12 @@ def main():
         model.zero_grad(set_to_none=True)
         forward(model).backward()
 
-    saved, times = {}, {k: [] for k in cases}
-    for k, model in cases.items():
-        params = list(model.parameters())
-        saved[k] = saved_bytes(lambda: forward(model), exclude=params)[1]
-        step(model)  # warm-up
-    for _ in range(args.rounds):
-        for k, model in cases.items():
-            start = time.perf_counter()
-            step(model)
-            times[k].append(time.perf_counter() - start)
-    frozen_t, frozen_s = statistics.median(times["frozen"]), saved["frozen"]
+    saved = {k: saved_bytes(lambda: forward(m), exclude=list(m.parameters()))[1] for k, m in cases.items()}
+    times = interleaved({k: (lambda m=m: step(m)) for k, m in cases.items()}, args.rounds)
+    frozen_t, frozen_s = times["frozen"], saved["frozen"]
     print(f"SmolLM2-135M fp32 batch={args.batch} seq={args.seq} rounds={args.rounds} threads={torch.get_num_threads()}")
     for k in cases:
-        t = statistics.median(times[k])
+        t = times[k]
         print(f"  {k:20s} {t * 1e3:8.0f} ms  {t / frozen_t:.3f}x frozen   saved {saved[k] / 2**20:7.1f} MiB "
               f"({(saved[k] - frozen_s) / 2**20:+.1f})")
 

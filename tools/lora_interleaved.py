@@ -5,14 +5,16 @@ this CPU oneDNN/AMX warm-up and other jobs move whole cases). Prints medians and
     python tools/lora_interleaved.py --dtype float32 --tokens 2048 --features 2048 --rounds 8
 """
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-import peftops
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout, built in place
+import peftops  # noqa: E402
+from interleave import interleaved  # noqa: E402
 
 
 def main():
@@ -44,18 +46,13 @@ def main():
         "peftops p=0.1": lambda: peftops.ops.lora_linear(x, base.weight, base.bias, a, b, 2.0, 0.1).backward(grad),
         "peft p=0.1": lambda: peft1(x).backward(grad),
     }
-    times = {k: [] for k in cases}
     for f in cases.values():
-        f(), f()  # warm-up (oneDNN primitive creation, allocator)
-    for _ in range(args.rounds):
-        for k, f in cases.items():
-            start = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - start)
-    frozen = statistics.median(times["frozen"])
+        f()  # a second warm-up (oneDNN primitive creation, allocator); interleaved runs one more
+    times = interleaved(cases, args.rounds)
+    frozen = times["frozen"]
     print(f"{args.dtype} tokens={n} in=out={d} r={r} threads={torch.get_num_threads()}")
     for k, v in times.items():
-        print(f"  {k:14s} {statistics.median(v) * 1e3:8.1f} ms  {statistics.median(v) / frozen:.3f}x frozen")
+        print(f"  {k:14s} {v * 1e3:8.1f} ms  {v / frozen:.3f}x frozen")
 
 
 if __name__ == "__main__":

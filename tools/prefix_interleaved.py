@@ -7,28 +7,14 @@ cases one after another, which on this CPU moves whole cases by 10% and more):
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benches")]  # this checkout (built in place) and the bench helpers
 from bench_prefix import B, D, H, L, _models, materialised, ours  # noqa: E402
-
-
-def interleaved(steps: dict, rounds: int) -> dict:
-    """Median seconds of each step, after one warm-up each, the steps taking turns."""
-    for step in steps.values():
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+from interleave import interleaved  # noqa: E402
 
 
 def op_steps(prefix):

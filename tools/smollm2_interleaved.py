@@ -8,9 +8,7 @@ bytes against the frozen model (which trains only the input embeddings, so its b
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import peft
 import torch
@@ -20,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benches")]  # this checkout (built in place) and the bench helpers
 import peftops  # noqa: E402
 from benchutil import saved_bytes  # noqa: E402
+from interleave import interleaved  # noqa: E402
 
 
 def build(impl, args):
@@ -57,16 +56,8 @@ def main():
         loss(models[k]).backward()
         optims[k].step()
 
-    saved, times = {}, {k: [] for k in models}
-    for k, m in models.items():
-        saved[k] = saved_bytes(lambda: loss(m), exclude=list(m.parameters()))[1]
-        step(k)  # warm-up
-    for _ in range(args.rounds):
-        for k in models:
-            start = time.perf_counter()
-            step(k)
-            times[k].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    saved = {k: saved_bytes(lambda: loss(m), exclude=list(m.parameters()))[1] for k, m in models.items()}
+    med = interleaved({k: (lambda k=k: step(k)) for k in models}, args.rounds)
     what = args.technique + (f" P={args.prefix}" if args.technique == "prefix" else "")
     print(f"SmolLM2-135M {what} fp32 batch={args.batch} seq={args.seq} rounds={args.rounds} "
           f"threads={torch.get_num_threads()}")
