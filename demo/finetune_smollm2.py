@@ -90,23 +90,6 @@ def init_lora(layers, seed):
             b.zero_()
 
 
-def saved_bytes_of(fn, exclude):
-    """Bytes autograd keeps for backward during fn() (unique storages, parameters excluded)."""
-    import torch
-    skip = {p.untyped_storage().data_ptr() for p in exclude}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
-
-
 def max_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -141,7 +124,8 @@ def train(impl, args):
         ids = ids.to(device)
         t0 = time.perf_counter()
         if step == 0:  # saved-for-backward is the same every step: count it once, outside the timed steps
-            out, saved = saved_bytes_of(lambda: model(input_ids=ids, labels=ids), list(model.parameters()))
+            from peftops.profiling import saved_bytes
+            out, saved = saved_bytes(lambda: model(input_ids=ids, labels=ids), list(model.parameters()))
         else:
             out = model(input_ids=ids, labels=ids)
         out.loss.backward()
