@@ -8,19 +8,9 @@
 
 #include <limits>
 
+#include "../common/checks.h"
+
 namespace peftops::bitfit {
-
-static void check_float(const at::Tensor& t, const char* op, const char* name) {
-  const auto dt = t.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, op, ": ", name,
-                   " must be float32, bfloat16, float16 or float64, got ", dt);
-}
-
-static void check_like(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but x has ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
-}
 
 void check_bias_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "bias_linear: x must have shape [..., in_features], got a 0-d tensor");
@@ -30,8 +20,8 @@ void check_bias_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == weight.size(0), "bias_linear: bias must be [", weight.size(0),
                     "], got shape ", bias.sizes());
   check_float(x, "bias_linear", "x");
-  check_like(weight, x, "bias_linear", "weight");
-  check_like(bias, x, "bias_linear", "bias");
+  check_like(weight, x, "bias_linear", "weight", "x");
+  check_like(bias, x, "bias_linear", "bias", "x");
 }
 
 void check_bias_dropout_add(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual, double p) {
@@ -41,8 +31,8 @@ void check_bias_dropout_add(const at::Tensor& x, const at::Tensor& bias, const a
   TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "bias_dropout_add: residual must have x's shape ", x.sizes(),
                     ", got ", residual.sizes());
   check_float(x, "bias_dropout_add", "x");
-  check_like(bias, x, "bias_dropout_add", "bias");
-  check_like(residual, x, "bias_dropout_add", "residual");
+  check_like(bias, x, "bias_dropout_add", "bias", "x");
+  check_like(residual, x, "bias_dropout_add", "residual", "x");
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "bias_dropout_add: p must be in [0, 1), got ", p);
 }
 

@@ -17,6 +17,7 @@
 #include <string>
 
 #include "../common/activations.h"
+#include "../common/checks.h"
 
 namespace peftops::bottleneck {
 namespace {
@@ -59,17 +60,11 @@ void check_inputs(const Tensor& h, const Tensor& w_down, const OptTensor& b_down
                     m, "]");
   TORCH_CHECK_VALUE(!has(b_up) || (b_up->dim() == 1 && b_up->size(0) == d_out), "adapter_bottleneck: b_up must be [",
                     d_out, "]");
-  const auto dt = h.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-                   "adapter_bottleneck: h must be float32, bfloat16, float16 or float64, got ", dt);
+  check_float(h, "adapter_bottleneck", "h");
   const std::pair<OptTensor, const char*> others[] = {
       {w_down, "w_down"}, {b_down, "b_down"}, {w_up, "w_up"}, {b_up, "b_up"}, {residual, "residual"}};
   for (const auto& [t, name] : others) {
-    if (!has(t)) continue;
-    TORCH_CHECK_TYPE(t->scalar_type() == dt, "adapter_bottleneck: ", name, " has dtype ", t->scalar_type(),
-                     " but h has ", dt);
-    TORCH_CHECK_VALUE(t->device() == h.device(), "adapter_bottleneck: ", name, " is on ", t->device(), " but h is on ",
-                      h.device());
+    if (has(t)) check_like(*t, h, "adapter_bottleneck", name, "h");
   }
 }
 

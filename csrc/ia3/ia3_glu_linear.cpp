@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "ia3_linear.h"
+#include "../common/checks.h"
 
 namespace peftops::ia3 {
 namespace {
@@ -25,9 +26,7 @@ void check_glu_inputs(const Tensor& a, const Tensor& b, const Tensor& weight, co
                       const Tensor& scale) {
   check_inputs(a, weight, bias, scale, /*feedforward=*/true, "ia3_glu_linear", "gate");
   TORCH_CHECK_VALUE(b.sizes() == a.sizes(), "ia3_glu_linear: up has shape ", b.sizes(), " but gate has ", a.sizes());
-  TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), "ia3_glu_linear: up has dtype ", b.scalar_type(),
-                   " but gate has ", a.scalar_type());
-  TORCH_CHECK_VALUE(b.device() == a.device(), "ia3_glu_linear: up is on ", b.device(), " but gate is on ", a.device());
+  check_like(b, a, "ia3_glu_linear", "up", "gate");
 }
 
 Tensor rows(const Tensor& t) { return t.reshape({-1, t.size(-1)}); }

@@ -4,6 +4,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "../common/checks.h"
+
 namespace peftops::ia3 {
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -16,24 +18,10 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const auto want = feedforward ? in : out;
   TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) == want, op, ": ia3_scale must have ", want, " elements (",
                     feedforward ? "in_features, feedforward=True" : "out_features", "), got shape ", scale.sizes());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, op, ": ", x_name,
-                   " must be float32, bfloat16, float16 or float64, got ", dt);
-  const std::pair<const at::Tensor*, const char*> others[] = {{&weight, "weight"}, {&scale, "ia3_scale"}};
-  for (const auto& [t, name] : others) {
-    TORCH_CHECK_TYPE(t->scalar_type() == dt, op, ": ", name, " has dtype ", t->scalar_type(), " but ", x_name,
-                     " has ", dt);
-    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but ", x_name, " is on ",
-                      x.device());
-  }
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, op, ": bias must be [", out, "], got shape ",
-                      bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == dt, op, ": bias has dtype ", bias->scalar_type(), " but ", x_name,
-                     " has ", dt);
-    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but ", x_name, " is on ",
-                      x.device());
-  }
+  check_float(x, op, x_name);
+  check_like(weight, x, op, "weight", x_name);
+  check_like(scale, x, op, "ia3_scale", x_name);
+  check_bias(bias, out, x, op, x_name);
 }
 
 // Accepts peft's vector shapes ([out, 1] / [1, in]) as well as 1-D ones: any shape with the right element count.

@@ -8,13 +8,9 @@
 #include <cmath>
 #include <limits>
 
-namespace peftops::lora {
+#include "../common/checks.h"
 
-static void check_float_dtype(const at::Tensor& t, const char* name) {
-  const auto dt = t.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-                   "lora_linear: ", name, " must be float32, bfloat16, float16 or float64, got ", dt);
-}
+namespace peftops::lora {
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p) {
@@ -28,20 +24,11 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
   TORCH_CHECK_VALUE(lora_a.size(1) == in, "lora_linear: lora_a must be [r, ", in, "], got shape ", lora_a.sizes());
   TORCH_CHECK_VALUE(lora_b.size(0) == out && lora_b.size(1) == r, "lora_linear: lora_b must be [", out, ", ", r,
                     "] (out, r of lora_a), got shape ", lora_b.sizes());
-  check_float_dtype(x, "x");
-  const std::pair<const at::Tensor*, const char*> others[] = {{&weight, "weight"}, {&lora_a, "lora_a"}, {&lora_b, "lora_b"}};
-  for (const auto& [t, name] : others) {
-    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "lora_linear: ", name, " has dtype ", t->scalar_type(),
-                     " but x has ", x.scalar_type(), "; cast them to one dtype");
-    TORCH_CHECK_VALUE(t->device() == x.device(), "lora_linear: ", name, " is on ", t->device(), " but x is on ", x.device());
-  }
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "lora_linear: bias must be [", out, "], got shape ",
-                      bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "lora_linear: bias has dtype ", bias->scalar_type(),
-                     " but x has ", x.scalar_type());
-    TORCH_CHECK_VALUE(bias->device() == x.device(), "lora_linear: bias is on ", bias->device(), " but x is on ", x.device());
-  }
+  check_float(x, "lora_linear", "x");
+  check_like(weight, x, "lora_linear", "weight", "x");
+  check_like(lora_a, x, "lora_linear", "lora_a", "x");
+  check_like(lora_b, x, "lora_linear", "lora_b", "x");
+  check_bias(bias, out, x, "lora_linear", "x");
   TORCH_CHECK_VALUE(std::isfinite(scale), "lora_linear: scale must be finite, got ", scale);
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "lora_linear: dropout_p must be in [0, 1), got ", dropout_p);
 }

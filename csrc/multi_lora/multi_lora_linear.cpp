@@ -7,6 +7,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "../common/checks.h"
+
 namespace peftops::multi_lora {
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -25,22 +27,11 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
                     scales.sizes());
   TORCH_CHECK_TYPE(scales.is_floating_point(), "multi_lora_linear: scales must be floating point, got ",
                    scales.scalar_type());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-                   "multi_lora_linear: x must be float32, bfloat16, float16 or float64, got ", dt);
-  const std::pair<const at::Tensor*, const char*> others[] = {{&weight, "weight"}, {&lora_a, "lora_a"}, {&lora_b, "lora_b"}};
-  for (const auto& [t, name] : others) {
-    TORCH_CHECK_TYPE(t->scalar_type() == dt, "multi_lora_linear: ", name, " has dtype ", t->scalar_type(), " but x has ", dt);
-    TORCH_CHECK_VALUE(t->device() == x.device(), "multi_lora_linear: ", name, " is on ", t->device(), " but x is on ",
-                      x.device());
-  }
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "multi_lora_linear: bias must be [", out, "], got shape ",
-                      bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == dt, "multi_lora_linear: bias has dtype ", bias->scalar_type(), " but x has ", dt);
-    TORCH_CHECK_VALUE(bias->device() == x.device(), "multi_lora_linear: bias is on ", bias->device(), " but x is on ",
-                      x.device());
-  }
+  check_float(x, "multi_lora_linear", "x");
+  check_like(weight, x, "multi_lora_linear", "weight", "x");
+  check_like(lora_a, x, "multi_lora_linear", "lora_a", "x");
+  check_like(lora_b, x, "multi_lora_linear", "lora_b", "x");
+  check_bias(bias, out, x, "multi_lora_linear", "x");
   TORCH_CHECK_TYPE(adapter_index.scalar_type() == at::kLong, "multi_lora_linear: adapter_index must be int64, got ",
                    adapter_index.scalar_type());
   const auto tokens = in > 0 ? x.numel() / in : 0;

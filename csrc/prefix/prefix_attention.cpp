@@ -34,6 +34,8 @@
 #include <cstdlib>
 #include <limits>
 
+#include "../common/checks.h"
+
 namespace peftops::prefix {
 namespace {
 
@@ -68,15 +70,9 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
     TORCH_CHECK_VALUE(attn_mask->device() == q.device(), "prefix_attention: attn_mask is on ", attn_mask->device(),
                       " but q is on ", q.device());
   }
-  const auto dt = q.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-                   "prefix_attention: q must be float32, bfloat16, float16 or float64, got ", dt);
+  check_float(q, "prefix_attention", "q");
   const std::pair<const Tensor*, const char*> others[] = {{&k, "k"}, {&v, "v"}, {&pk, "prefix_k"}, {&pv, "prefix_v"}};
-  for (const auto& [t, name] : others) {
-    TORCH_CHECK_TYPE(t->scalar_type() == dt, "prefix_attention: ", name, " has dtype ", t->scalar_type(), " but q has ", dt);
-    TORCH_CHECK_VALUE(t->device() == q.device(), "prefix_attention: ", name, " is on ", t->device(), " but q is on ",
-                      q.device());
-  }
+  for (const auto& [t, name] : others) check_like(*t, q, "prefix_attention", name, "q");
 }
 
 struct Shapes {

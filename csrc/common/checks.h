@@ -1,0 +1,36 @@
+#pragma once
+// Argument checks every op family shares: a clear Python exception (TypeError for a dtype, ValueError otherwise)
+// naming the op and the argument, never a crash.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace peftops {
+
+// `t` (argument `name`) must be a floating-point tensor the kernels take.
+inline void check_float(const at::Tensor& t, const char* op, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, op, ": ", name,
+                   " must be float32, bfloat16, float16 or float64, got ", dt);
+}
+
+// `t` (argument `name`) must have the dtype and the device of `ref` (argument `ref_name`).
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                       const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+                   ref_name, " has ", ref.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+                    ref.device());
+}
+
+// An optional bias: [out] and like `ref`.
+inline void check_bias(const std::optional<at::Tensor>& bias, int64_t out, const at::Tensor& ref, const char* op,
+                       const char* ref_name) {
+  if (!bias.has_value() || !bias->defined()) return;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, op, ": bias must be [", out, "], got shape ",
+                    bias->sizes());
+  check_like(*bias, ref, op, "bias", ref_name);
+}
+
+}  // namespace peftops
