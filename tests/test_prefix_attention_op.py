@@ -55,6 +55,26 @@ def test_matches_sdpa_over_the_concatenation(device, case, pad, causal):
         compare(args, dtype, None if mask is None else mask.to(device), causal)
 
 
+@pytest.mark.parametrize("path", ["flash", "dense"])
+@pytest.mark.parametrize("case", CASES)
+def test_cpu_paths_on_attentions_transposed_views(monkeypatch, path, case):
+    """The CPU runs both segments on ATen's flash kernel; PEFTOPS_PREFIX_DENSE=1 runs the dense code that CUDA runs.
+    Both match the reference on the transposed views attention hands over, and write SDPA's output layout."""
+    if path == "dense":
+        monkeypatch.setenv("PEFTOPS_PREFIX_DENSE", "1")
+    B, Hq, Hkv, L, S, P, D = case
+    gen = torch.Generator().manual_seed(sum(case))
+    for dtype, pad, causal in ((torch.float32, "left", True), (torch.float32, None, False),
+                               (torch.bfloat16, "right", True)):
+        q, k, v = (torch.randn(B, n, H, D, generator=gen).to(dtype).requires_grad_().transpose(1, 2)
+                   for n, H in ((L, Hq), (S, Hkv), (S, Hkv)))
+        pk, pv = (torch.randn(Hkv, P, D, generator=gen).to(dtype).requires_grad_() for _ in range(2))
+        mask = padding(pad, B, S, gen)
+        compare((q, k, v, pk, pv), dtype, mask, causal)
+        y = peftops.ops.prefix_attention(q, k, v, pk, pv, attn_mask=mask, is_causal=causal)
+        assert y.transpose(1, 2).is_contiguous()  # [B, L, Hq, D] in memory: attention's reshape back is free
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_per_row_prefix_and_custom_scale(device, causal):
     gen = torch.Generator().manual_seed(7)
