@@ -1,6 +1,6 @@
 """peftops: fused C++/CUDA kernels for parameter-efficient fine-tuning. Public API: ../shared/SPEC.md."""
 from ._extension import backends
-from . import layers, ops
+from . import layers, ops, profiling
 from .config import AdapterConfig, BitFitConfig, IA3Config, LoraConfig, PrefixConfig
 from .io import load_adapter, save_adapter
 from .patch import merge, patch, trainable_parameters, unpatch

@@ -64,8 +64,9 @@ def test_matches_plain_bias_only_training(family, train_norm_bias, op_calls):
     check_same(ours.eval(), ref.eval())
     check_same(ours.train(), ref.train())  # the tiny models have dropout 0
     # Per forward, BERT: 2 layers x (query, key, value, intermediate) + pooler through bias_linear, 2 layers x 2 fused
-    # output sublayers; GPT-2: 2 layers x 4 Conv1D. Two forwards ran.
-    per_pass = {"bert": (2 * 4 + 1, 2 * 2), "gpt2": (2 * 4, 0)}[family]
+    # output sublayers; GPT-2: 2 layers x (c_attn, c_fc) through bias_linear, 2 layers x 2 sublayers (attention, MLP)
+    # whose c_proj bias, dropout and residual add are fused. Two forwards ran.
+    per_pass = {"bert": (2 * 4 + 1, 2 * 2), "gpt2": (2 * 2, 2 * 2)}[family]
     assert (op_calls["bias_linear"], op_calls["bias_dropout_add"]) == tuple(2 * n for n in per_pass)
     norm_biases = [n for n, p in ours.named_parameters() if p.requires_grad and ("LayerNorm" in n or ".ln_" in n)]
     assert bool(norm_biases) == train_norm_bias
@@ -137,27 +138,34 @@ def test_dropout_reproducible_and_under_activation_checkpointing(builder):
 
 def saved_bytes(model, ids):
     """Bytes autograd keeps for backward over one forward: unique storages, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_of(output(model, ids)).backward()
-    return sum(seen.values())
+    return peftops.profiling.saved_bytes(lambda: loss_of(output(model, ids)).backward(), model.parameters())[1]
 
 
-def test_saves_less_for_backward_than_plain_bias_training():
-    ours, ref = pair(dropout_bert)
+@pytest.mark.parametrize("builder", [dropout_bert, dropout_gpt2], ids=["bert", "gpt2"])
+def test_saves_less_for_backward_than_plain_bias_training(builder):
+    ours, ref = pair(builder)
     ids = input_ids(batch=4, seq=32)
     mine, theirs = saved_bytes(ours.train(), ids), saved_bytes(ref.train(), ids)
     # Per fused sublayer plain PyTorch keeps the dropout mask (bool) and the linear input...; BitFit keeps neither
     # the mask nor the pre-dropout activation: at least one mask of [4*32, 32] bytes per fused sublayer saved.
     assert mine <= theirs - 4 * (4 * 32 * 32), (mine, theirs)
+
+
+def test_gpt2_blocks_fuse_their_residual_adds_and_unpatch_restores_them():
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+    model = TINY["gpt2"]()
+    ids = input_ids()
+    before, keys = output(model, ids), set(model.state_dict())
+    peftops.patch(model, BitFitConfig())
+    blocks = [m for m in model.modules() if isinstance(m, GPT2Block)]
+    assert blocks and all("forward" in b.__dict__ for b in blocks)
+    assert_close(output(model, ids), before, what="outputs (the same biases, now trainable)")
+    with_weights = model(input_ids=ids, output_attentions=True)  # 4.57: the block's own forward, the pair unfused
+    assert_close(with_weights.logits, before, what="outputs with attention weights asked for")
+    peftops.unpatch(model)
+    assert set(model.state_dict()) == keys
+    assert not any("forward" in m.__dict__ or "_peftops_pair" in m.__dict__ for m in model.modules())
+    assert torch.equal(output(model, ids), before)
 
 
 def test_pretrained_minilm_matches_in_eval_mode():

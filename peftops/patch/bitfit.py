@@ -5,10 +5,14 @@ dict keys are the model's own and unpatch restores the instance's previous forwa
 - BERT's `BertSelfOutput` / `BertOutput` (`LayerNorm(dropout(dense(x)) + residual)`) run
   `LayerNorm(bias_dropout_add(x W^T, dense.bias, residual, p))`: no dropout mask or pre-dropout activation is kept
   and the bias gradient comes out of the same backward pass.
-- Every other nn.Linear / transformers Conv1D with a bias runs `bias_linear` (keeps no activation). This covers
-  GPT-2 entirely: its residual add sits in `GPT2Block.forward`, which would have to be rewritten (and differs across
-  transformers versions) to fuse it, so GPT-2's `c_proj` layers keep torch's dropout after `bias_linear`.
+- GPT-2's blocks (`GPT2Block`, whose residual adds sit in the block's forward) get a forward that hands each
+  sublayer's residual to the sublayer's output dropout: the `c_proj` before it leaves its bias out and the dropout
+  computes `bias_dropout_add(h, c_proj.bias, residual, p)`, so the block's `sublayer + residual` is the op's. Calls
+  with cross-attention or asking for attention weights run the block's own forward, in which the same `c_proj` and
+  dropout behave as the unfused pair (`bias_linear`, then torch's dropout).
+- Every other nn.Linear / transformers Conv1D with a bias runs `bias_linear` (keeps no activation).
 A call the ops cannot compute exactly (trainable weight, dtype mismatch, extra arguments) runs the original forward."""
+import inspect
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -48,6 +52,75 @@ def _output_forward(self, hidden_states, input_tensor, *args, **kwargs):
     return self.LayerNorm(h)
 
 
+# GPT-2: the block hands a sublayer's residual to its output dropout through this attribute (None: not fused now);
+# the projection and the dropout of one sublayer know each other through _PAIR.
+_RESIDUAL, _PAIR, _BLOCK_API = "_peftops_residual", "_peftops_pair", "_peftops_block_api"
+
+
+def _block_projection_forward(self, x, *args, **kwargs):
+    if getattr(self.__dict__[_PAIR], _RESIDUAL) is None:
+        return _bias_linear_forward(self, x, *args, **kwargs)
+    return F.linear(x, base_weight(self))  # the bias goes to bias_dropout_add
+
+
+def _block_dropout_forward(self, h):
+    residual = getattr(self, _RESIDUAL)
+    if residual is None:
+        return call_original(self, h)
+    return ops.bias_dropout_add(h, self.__dict__[_PAIR].bias, residual, self.p, training=self.training)
+
+
+def _sublayer(block_part, residual, dropout, *args, **kwargs):
+    """Runs a GPT-2 sublayer with its residual handed to its output dropout: the result already holds the residual."""
+    setattr(dropout, _RESIDUAL, residual)
+    try:
+        return block_part(*args, **kwargs)
+    finally:
+        setattr(dropout, _RESIDUAL, None)
+
+
+def _gpt2_block_forward(self, *args, **kwargs):
+    """GPT2Block's forward (transformers 4.57 or 5: one signature read at patch time) with each sublayer's residual add
+    fused into its output dropout; cross-attention and returned attention weights run the block's own forward."""
+    signature, returns_tuple = self.__dict__[_BLOCK_API]
+    named = signature.bind(self, *args, **kwargs).arguments
+    extra = named.pop("kwargs", {})
+    if named.get("encoder_hidden_states") is not None or named.get("output_attentions"):
+        return call_original(self, *args, **kwargs)
+    hidden = named.pop("hidden_states")
+    attn_args = {k: v for k, v in named.items() if k not in ("self", "encoder_hidden_states", "encoder_attention_mask")}
+    hidden = _sublayer(self.attn, hidden, self.attn.resid_dropout, self.ln_1(hidden), **attn_args, **extra)[0]
+    hidden = _sublayer(self.mlp, hidden, self.mlp.dropout, self.ln_2(hidden))
+    return (hidden,) if returns_tuple else hidden
+
+
+def _gpt2_blocks(model: nn.Module) -> list:
+    """[(block name, [(projection name, dropout name)] of attention and MLP)] of the GPT2Blocks the fused forward
+    takes: plain Conv1D projections with biases, plain dropouts, no hooks."""
+    try:
+        from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+    except ImportError:
+        return []
+    conv1d, found = conv1d_class(), []
+    for name, block in model.named_modules():
+        if not (type(block) is GPT2Block and not is_replaced(block) and not block._forward_pre_hooks):
+            continue
+        pairs = [(f"{name}.attn.c_proj", f"{name}.attn.resid_dropout"), (f"{name}.mlp.c_proj", f"{name}.mlp.dropout")]
+        modules = [(model.get_submodule(p), model.get_submodule(d)) for p, d in pairs]
+        if all(type(p) is conv1d and _plain(p, conv1d.forward) and p.bias is not None and type(d) is nn.Dropout
+               and not is_replaced(d) and not (p._forward_hooks or p._forward_pre_hooks or d._forward_hooks
+                                               or d._forward_pre_hooks) for p, d in modules):
+            found.append((name, pairs))
+    return found
+
+
+def _block_api(block: nn.Module):
+    """(the block forward's signature, whether it returns a tuple): transformers 4.57's takes output_attentions and
+    returns (hidden_states, ...); 5's returns the hidden states."""
+    signature = inspect.signature(type(block).forward)
+    return signature, "output_attentions" in signature.parameters
+
+
 def _fused_output_classes() -> tuple:
     try:
         from transformers.models.bert.modeling_bert import BertOutput, BertSelfOutput
@@ -66,7 +139,8 @@ def _plain(module: nn.Module, forward) -> bool:
 
 
 def _plan(model: nn.Module):
-    """(fused sublayer names, bias_linear layer names): what gets a new forward, decided before touching anything."""
+    """(fused sublayer names, bias_linear layer names, GPT-2 blocks): what gets a new forward, decided before touching
+    anything."""
     fused_forwards = _fused_output_classes()
     fused, skip = [], set()
     for name, m in model.named_modules():
@@ -76,10 +150,12 @@ def _plan(model: nn.Module):
                          or m.dropout._forward_pre_hooks):
             fused.append(name)
             skip.add(m.dense)
+    blocks = _gpt2_blocks(model)
+    skip |= {model.get_submodule(p) for _, pairs in blocks for p, _ in pairs}
     conv1d = conv1d_class()
     linear = [n for n, m in model.named_modules() if m not in skip and getattr(m, "bias", None) is not None
               and (_plain(m, nn.Linear.forward) or (conv1d is not None and _plain(m, conv1d.forward)))]
-    return fused, linear
+    return fused, linear, blocks
 
 
 def patch_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> nn.Module:
@@ -91,7 +167,7 @@ def patch_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> n
         kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
         what = "bias" if config.train_norm_bias else "bias outside its normalisation layers"
         raise ValueError(f"BitFit trains biases, but {kind} has no {what} (e.g. Llama's layers have none)")
-    fused, linear = _plan(model)
+    fused, linear, blocks = _plan(model)
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     params = dict(model.named_parameters())
@@ -103,7 +179,20 @@ def patch_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> n
         for name in names:
             module = model.get_submodule(name)
             replace_forward(module, forward)
-    model.__dict__[STATE_ATTR] = BitFitState(config, adapter_name, fused + linear, flags, trainable)
+    replaced = fused + linear
+    for block, pairs in blocks:
+        module = model.get_submodule(block)
+        module.__dict__[_BLOCK_API] = _block_api(module)
+        replace_forward(module, _gpt2_block_forward)
+        replaced.append(block)
+        for proj_name, dropout_name in pairs:
+            proj, dropout = model.get_submodule(proj_name), model.get_submodule(dropout_name)
+            proj.__dict__[_PAIR], dropout.__dict__[_PAIR] = dropout, proj
+            setattr(dropout, _RESIDUAL, None)
+            replace_forward(proj, _block_projection_forward)
+            replace_forward(dropout, _block_dropout_forward)
+            replaced += [proj_name, dropout_name]
+    model.__dict__[STATE_ATTR] = BitFitState(config, adapter_name, replaced, flags, trainable)
     return model
 
 
@@ -112,6 +201,8 @@ def unpatch_bitfit(model: nn.Module) -> nn.Module:
     for name in state.layer_names:
         module = model.get_submodule(name)
         restore_forward(module)
+        for attr in (_PAIR, _RESIDUAL, _BLOCK_API):
+            module.__dict__.pop(attr, None)
     for p, flag in state.requires_grad:
         p.requires_grad_(flag)
     return model
