@@ -25,7 +25,7 @@ def gpt2_steps():
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     config = GPT2Config(n_embd=768, n_layer=4, n_head=12, vocab_size=8192, resid_pdrop=DROPOUT, embd_pdrop=0.0,
-                        attn_pdrop=0.0)
+                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     ids = torch.randint(8192, (4, 256), generator=torch.Generator().manual_seed(0))
     base = GPT2LMHeadModel(config).train()
     plain = GPT2LMHeadModel(config).train()
