@@ -2,7 +2,8 @@
 // scales the down projection's input: y = ((a o b) o l) W^T + bias, a = act(gate(x)), b = up(x).
 // Saved: a and b only, which the block's own product would keep anyway; its input a o b (what ia3_linear would keep)
 // is recomputed. Backward, with g = dy W: da = g o l o b, db = g o l o a, dl = sum_rows(g o a o b).
-// One device-generic composition of ATen ops (the GEMMs are the vendor's) serves CPU and CUDA.
+// The forward is one device-generic composition of ATen ops (the GEMMs are the vendor's) for CPU and CUDA; so is the
+// backward on CUDA, while the CPU's fuses everything after its GEMM into one row pass.
 #include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/addmm.h>
@@ -91,9 +92,8 @@ TORCH_LIBRARY_FRAGMENT(peftops, m) {
 
 TORCH_LIBRARY_IMPL(peftops, CompositeImplicitAutograd, m) { m.impl("ia3_glu_linear", &ia3_glu_linear); }
 
-TORCH_LIBRARY_IMPL(peftops, CPU, m) {
+TORCH_LIBRARY_IMPL(peftops, CPU, m) {  // the CPU backward is one fused row pass (cpu/ia3_linear_kernel.cpp)
   m.impl("ia3_glu_linear_forward", &ia3_glu_linear_forward);
-  m.impl("ia3_glu_linear_backward", &ia3_glu_linear_backward);
 }
 
 TORCH_LIBRARY_IMPL(peftops, CUDA, m) {

@@ -152,11 +152,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ia3_linear_backward_cpu(
   return {dx, db, dl};
 }
 
+// ia3_glu_linear's backward (KERNELS.md algebra in ia3_glu_linear.cpp): after the GEMM g = dy W, one pass over the
+// rows of g, gate and up yields dl = sum_rows(g o gate o up), d_gate = g o l o up and d_up = g o l o gate.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ia3_glu_linear_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& weight,
+    const at::Tensor& scale, std::array<bool, 4> output_mask) {
+  const auto [need_gate, need_up, need_bias, need_scale] = output_mask;
+  const auto dy = rows(grad_out), a2 = rows(gate), b2 = rows(up);
+  const int64_t N = dy.size(0), in = weight.size(1);
+  const auto dtype = gate.scalar_type();
+  const auto empty = [&] { return at::empty({0}, gate.options()); };
+  at::Tensor da = empty(), db = empty(), dbias = empty(), dl = empty();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "ia3_glu_linear_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_opts = gate.options().dtype(at::toOpMathType(dtype));
+    if (need_gate || need_up || need_scale) {
+      const auto g = at::mm(dy, weight);
+      const auto l = as_vector<scalar_t>(scale);
+      if (need_gate) da = at::empty({N, in}, gate.options());
+      if (need_up) db = at::empty({N, in}, gate.options());
+      auto sums = at::empty({in}, acc_opts);
+      const scalar_t *gp = g.const_data_ptr<scalar_t>(), *ap = a2.const_data_ptr<scalar_t>(),
+                     *bp = b2.const_data_ptr<scalar_t>();
+      scalar_t* dap = need_gate ? da.data_ptr<scalar_t>() : nullptr;
+      scalar_t* dbp = need_up ? db.data_ptr<scalar_t>() : nullptr;
+      cpu::rows_reducing<acc_t>(N, in, need_scale ? in : 0, sums.data_ptr<acc_t>(), [&](int64_t n, acc_t* part) {
+        thread_local std::vector<acc_t> gr, ar, br, out;
+        gr.resize(in), ar.resize(in), br.resize(in), out.resize(in);
+        at::vec::convert(gp + n * in, gr.data(), in);
+        at::vec::convert(ap + n * a2.stride(0), ar.data(), in);
+        at::vec::convert(bp + n * b2.stride(0), br.data(), in);
+        if (need_scale) {
+          for (int64_t k = 0; k < in; ++k) part[k] += gr[k] * (ar[k] * br[k]);
+        }
+        for (int64_t k = 0; k < in; ++k) gr[k] *= l[k];
+        if (need_gate) {
+          for (int64_t k = 0; k < in; ++k) out[k] = gr[k] * br[k];
+          at::vec::convert(out.data(), dap + n * in, in);
+        }
+        if (need_up) {
+          for (int64_t k = 0; k < in; ++k) out[k] = gr[k] * ar[k];
+          at::vec::convert(out.data(), dbp + n * in, in);
+        }
+      });
+      if (need_gate) da = da.view(gate.sizes());
+      if (need_up) db = db.view(up.sizes());
+      if (need_scale) dl = sums.to(scale.scalar_type());
+    }
+    if (need_bias) dbias = dy.sum(0, false, acc_opts.dtype().toScalarType()).to(dtype);
+  });
+  return {da, db, dbias, dl};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(peftops, CPU, m) {
   m.impl("ia3_linear_forward", &ia3_linear_forward_cpu);
   m.impl("ia3_linear_backward", &ia3_linear_backward_cpu);
+  m.impl("ia3_glu_linear_backward", &ia3_glu_linear_backward_cpu);
 }
 
 }  // namespace peftops::ia3
