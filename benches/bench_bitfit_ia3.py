@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import peftops
-from benchutil import record, saved_bytes
+from benchutil import load_smollm2, record, saved_bytes
 
 TOKENS, WIDTH, DROPOUT = 4096, 2048, 0.1
 
@@ -113,12 +113,11 @@ def _small_llama():
 
 
 def _smollm2():
-    """The pretrained model from the demo's cache (no tokenizer: one saved by transformers 5 does not load in 4.57)."""
-    from transformers import AutoModelForCausalLM
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", ".cache", "smollm2-135m")
-    if not os.path.isdir(path):
-        pytest.skip("no SmolLM2-135M cache (python demo/model_cache.py builds it)")
-    return AutoModelForCausalLM.from_pretrained(path)
+    """SmolLM2-135M from the demo's cache; the case skips without it."""
+    try:
+        return load_smollm2()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
 
 
 @pytest.mark.parametrize("impl", ["peftops", "peft"])

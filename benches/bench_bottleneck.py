@@ -10,6 +10,7 @@ import torch
 
 import peftops
 from bench_bitfit_ia3 import _model_step, _small_llama, _smollm2, run
+from benchutil import adapterhub_bottleneck, frozen_baseline
 from peftops.layers import BottleneckAdapter
 from peftops.ops import reference
 
@@ -53,8 +54,7 @@ def test_model_small_llama(benchmark, request, placement, activation, impl):
     benchmark.group = f"bottleneck {placement} small_llama train cpu fp32 b{batch} s{seq}"
     model = _small_llama().train()
     if impl == "frozen":
-        model.requires_grad_(False)
-        model.get_input_embeddings().weight.requires_grad_(True)  # something must need a gradient; saves nothing
+        frozen_baseline(model)
     else:
         config = peftops.AdapterConfig(bottleneck=model.config.hidden_size // 16, placement=placement,
                                        activation=activation)
@@ -81,14 +81,9 @@ def test_model_smollm2_vs_adapterhub(benchmark, request, placement, activation, 
     benchmark.group = f"bottleneck {placement} smollm2 train cpu fp32 b{batch} s{seq}"
     model = _smollm2().train()
     if impl == "frozen":
-        model.requires_grad_(False)
-        model.get_input_embeddings().weight.requires_grad_(True)  # something must need a gradient; saves nothing
+        frozen_baseline(model)
     elif impl == "adapterhub":
-        cls = {"pfeiffer": adapters.SeqBnConfig, "houlsby": adapters.DoubleSeqBnConfig}[placement]
-        adapters.init(model)
-        model.add_adapter("a", config=cls(reduction_factor=16, non_linearity="swish" if activation == "silu" else
-                                          activation))
-        model.train_adapter("a")
+        adapterhub_bottleneck(model, placement, activation, adapters)
     else:
         peftops.patch(model, peftops.AdapterConfig(bottleneck=model.config.hidden_size // 16, placement=placement,
                                                    activation=activation))

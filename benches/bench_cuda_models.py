@@ -11,7 +11,7 @@ import torch
 
 import peftops
 from bench_bottleneck import _plain
-from benchutil import record, saved_bytes, sync
+from benchutil import cuda_step_peak, record, saved_bytes, sync
 from peftops.layers import BottleneckAdapter
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -89,11 +89,7 @@ def test_smollm2_step_cuda(benchmark, technique, impl):
 
     frozen = [p for p in model.parameters() if not p.requires_grad]
     _, saved = saved_bytes(loss, exclude=params + frozen)
-    step()
-    torch.cuda.reset_peak_memory_stats()
-    resident = torch.cuda.memory_allocated()
-    step()
     record(benchmark, family="smollm2_arch_step", impl=f"{technique}:{impl}" if impl != "frozen" else "frozen",
-           device="cuda", dtype=torch.bfloat16, saved=saved, peak_bytes=torch.cuda.max_memory_allocated() - resident,
-           batch=BATCH, seq=SEQ, trainable=sum(p.numel() for p in params))
+           device="cuda", dtype=torch.bfloat16, saved=saved, peak_bytes=cuda_step_peak(step), batch=BATCH, seq=SEQ,
+           trainable=sum(p.numel() for p in params))
     benchmark.pedantic(step, rounds=10, warmup_rounds=2)

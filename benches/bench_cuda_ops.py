@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import peftops
 from bench_prefix import L, B, D, H
-from benchutil import record, saved_bytes, sync
+from benchutil import cuda_step_peak, record, saved_bytes, sync
 from peftops.ops import reference
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -40,12 +40,8 @@ def run(benchmark, forward, leaves, *, family, impl, backward=True, exclude=(), 
         sync(DEV)
 
     _, saved = saved_bytes(forward, exclude=list(leaves) + list(exclude)) if backward else (None, 0)
-    step()
-    torch.cuda.reset_peak_memory_stats()
-    resident = torch.cuda.memory_allocated()
-    step()
-    record(benchmark, family=family, impl=impl, device=DEV, dtype=DT, saved=saved,
-           peak_bytes=torch.cuda.max_memory_allocated() - resident, **shape)
+    record(benchmark, family=family, impl=impl, device=DEV, dtype=DT, saved=saved, peak_bytes=cuda_step_peak(step),
+           **shape)
     benchmark.pedantic(step, rounds=20, warmup_rounds=3, iterations=5)
 
 

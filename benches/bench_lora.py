@@ -13,7 +13,7 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 import peftops
-from benchutil import record, saved_bytes, sync
+from benchutil import cuda_step_peak, record, saved_bytes, sync
 
 FAMILY = "lora_linear"
 RANK = 16
@@ -72,11 +72,7 @@ def run_bench(benchmark, request, *, impl, dtype_name, tokens, features, dropout
     shape = dict(tokens=tokens, in_features=features, out_features=features, r=RANK,
                  dropout=(None if impl == "frozen" else dropout))
     if device == "cuda":
-        step()  # allocator warm, then the peak of one step above what is resident
-        torch.cuda.reset_peak_memory_stats()
-        resident = torch.cuda.memory_allocated()
-        step()
-        shape["peak_bytes"] = torch.cuda.max_memory_allocated() - resident
+        shape["peak_bytes"] = cuda_step_peak(step)
     record(benchmark, family=FAMILY, impl=impl, device=device, dtype=dtype, saved=saved, **shape)
     if device == "cpu":  # CPU cases are slow: --benchmark-min-rounds sets their count (pedantic ignores it)
         rounds = request.config.getoption("benchmark_min_rounds", None) or rounds

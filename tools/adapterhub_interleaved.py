@@ -10,32 +10,24 @@ import sys
 
 import adapters
 import torch
-from transformers import AutoModelForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benches")]  # this checkout (built in place) and the bench helpers
 import peftops  # noqa: E402
-from benchutil import saved_bytes  # noqa: E402
+from benchutil import adapterhub_bottleneck, frozen_baseline, load_smollm2, saved_bytes  # noqa: E402
 from interleave import interleaved  # noqa: E402
 
-AH = {"pfeiffer": (adapters.SeqBnConfig, "relu"), "houlsby": (adapters.DoubleSeqBnConfig, "swish")}
-OURS_ACT = {"relu": "relu", "swish": "silu"}
+ACTIVATION = {"pfeiffer": "relu", "houlsby": "silu"}  # AdapterHub's defaults for seq_bn and double_seq_bn
 
 
 def build(impl, placement):
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, "demo", ".cache", "smollm2-135m")).train()
-    if impl == "frozen":  # something must need a gradient: the input embeddings (their backward runs everywhere)
-        model.requires_grad_(False)
-        model.get_input_embeddings().weight.requires_grad_(True)
-        return model
-    cls, act = AH[placement]
+    model = load_smollm2().train()
+    if impl == "frozen":
+        return frozen_baseline(model)
     if impl == "adapterhub":
-        adapters.init(model)
-        model.add_adapter("a", config=cls(reduction_factor=16, non_linearity=act))
-        model.train_adapter("a")
-        return model
+        return adapterhub_bottleneck(model, placement, ACTIVATION[placement], adapters)
     return peftops.patch(model, peftops.AdapterConfig(bottleneck=model.config.hidden_size // 16, placement=placement,
-                                                      activation=OURS_ACT[act]))
+                                                      activation=ACTIVATION[placement]))
 
 
 def main():
@@ -46,7 +38,7 @@ def main():
     args = ap.parse_args()
     ids = torch.randint(49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     cases = {"frozen": build("frozen", None)}
-    for placement in AH:
+    for placement in ACTIVATION:
         for impl in ("peftops", "adapterhub"):
             cases[f"{placement} {impl}"] = build(impl, placement)
 

@@ -12,21 +12,18 @@ import sys
 
 import peft
 import torch
-from transformers import AutoModelForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benches")]  # this checkout (built in place) and the bench helpers
 import peftops  # noqa: E402
-from benchutil import saved_bytes  # noqa: E402
+from benchutil import frozen_baseline, load_smollm2, saved_bytes  # noqa: E402
 from interleave import interleaved  # noqa: E402
 
 
 def build(impl, args):
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, "demo", ".cache", "smollm2-135m")).train()
+    model = load_smollm2().train()
     if impl == "frozen":
-        model.requires_grad_(False)
-        model.get_input_embeddings().weight.requires_grad_(True)
-        return model
+        return frozen_baseline(model)
     if args.technique == "ia3":
         if impl == "peftops":
             return peftops.patch(model, peftops.IA3Config())
