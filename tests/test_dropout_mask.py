@@ -1,5 +1,9 @@
 """The counter-based dropout mask shared by every op: Philox KATs, C++ against the pure-Python Philox,
 statistics, and CPU against CUDA."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -19,9 +23,19 @@ def test_philox_known_answers():
 @pytest.mark.parametrize("shape,p,seed,offset", [((7, 13), 0.1, 0, 0), ((3, 5, 11), 0.5, 2**62 + 12345, 0),
                                                  ((1,), 0.9, 7, 0), ((257, 33), 0.25, 99, 0), ((9, 301), 0.3, 5, 2**40 + 3)])
 def test_kernel_mask_matches_python_philox(shape, p, seed, offset):
-    # rows long enough for the vectorised generator (8 Philox blocks at a time) and its scalar tail
+    # rows long enough for the vectorised generator (16 or 8 Philox blocks at a time) and its scalar tail
     got = torch.ops.peftops.dropout_keep_mask(list(shape), p, torch.tensor(seed), offset)
     assert torch.equal(got, ref.dropout_keep_mask(shape, p, seed, offset))
+
+
+def test_avx2_path_gives_the_same_mask():
+    # ATEN_CPU_CAPABILITY=avx2 turns the AVX-512 Philox off (as it does ATen's own kernels): the other path, same mask
+    code = ("import torch, peftops; from peftops.ops import reference as ref; "
+            "assert torch.equal(torch.ops.peftops.dropout_keep_mask([9, 301], 0.3, torch.tensor(5), 2**40 + 3), "
+            "ref.dropout_keep_mask((9, 301), 0.3, 5, 2**40 + 3))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], env=env, cwd=root, check=True, timeout=300)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])

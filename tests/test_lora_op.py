@@ -43,7 +43,7 @@ def dtypes(device):
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("shape", [((5,), 7, 3, 1), ((2, 9), 37, 29, 4), ((33,), 64, 48, 16), ((3, 4, 5), 19, 70, 17),
-                                   ((130,), 96, 40, 40)])
+                                   ((130,), 96, 40, 40), ((3, 347), 200, 56, 8)])  # the last: several row blocks
 def test_matches_reference(device, shape, p):
     batch, d_in, d_out, r = shape
     for dtype in dtypes(device):
@@ -112,6 +112,20 @@ def test_only_requested_gradients(device):
     y = peftops.ops.lora_linear(x, w, b, a, bb, 1.0, 0.0)
     y.sum().backward()
     assert x.grad is None and b.grad is None and a.grad is not None and bb.grad is not None
+
+
+@pytest.mark.parametrize("frozen", ["x", "lora_a", "x and lora_b"])
+def test_dropout_gradients_when_only_some_are_needed(device, frozen):
+    # backward's dropout part alone for dx (lora_a frozen) or for dA (x frozen), over several row blocks
+    x, w, b, a, bb = make(device, torch.float32, (700,), 160, 24, 8)
+    for name, t in (("x", x), ("lora_a", a), ("lora_b", bb)):
+        if name in frozen:
+            t.requires_grad_(False)
+    y, y_ref, grads, grads_ref = run_both((x, w, b, a, bb), 1.5, 0.25)
+    assert_close(y, y_ref, torch.float32, "out")
+    assert len(grads) == len(grads_ref)
+    for g, gr in zip(grads, grads_ref):
+        assert_close(g, gr, torch.float32, "grad")
 
 
 def test_gradcheck_float64_with_dropout():

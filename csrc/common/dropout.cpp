@@ -41,17 +41,10 @@ void dropout_apply(const at::Tensor& src, at::Tensor& dst, const std::optional<a
     const scalar_t* sp = src.const_data_ptr<scalar_t>();
     scalar_t* dp = dst.data_ptr<scalar_t>();
     at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> row(K), keep(K, acc_t(1)), base(accumulate ? K : 0);
+      std::vector<acc_t> keep(K, acc_t(1)), scratch(2 * K);
       for (int64_t n = begin; n < end; ++n) {
-        at::vec::convert(sp + n * src.stride(0), row.data(), K);
         if (d.active) cpu::row_keep(d, n, K, keep.data());
-        if (accumulate) {
-          at::vec::convert(dp + n * dst.stride(0), base.data(), K);
-          for (int64_t k = 0; k < K; ++k) row[k] = base[k] + keep[k] * row[k];
-        } else {
-          for (int64_t k = 0; k < K; ++k) row[k] *= keep[k];
-        }
-        at::vec::convert(row.data(), dp + n * dst.stride(0), K);
+        cpu::masked_row(keep.data(), sp + n * src.stride(0), dp + n * dst.stride(0), K, accumulate, scratch.data());
       }
     });
   });

@@ -3,15 +3,15 @@
 // libraries already run at memory speed, and measured faster than hand-written passes (BENCHMARKS.md). What is
 // fused around them:
 //   - the up-projection is added into the base GEMM's output in place (one addmm_), the bias in its epilogue;
-//   - dropout is the shared counter-based Philox (common/dropout.h), applied to a transient copy of x that is
-//     never kept, regenerated from the seed in backward, and fused into the accumulation of the LoRA part of dx;
+//   - dropout is the shared counter-based Philox (common/dropout.h), applied to x on its way into the rank-r
+//     products (on the CPU a cache-sized block of rows at a time, so no dropped copy of x exists), regenerated
+//     from the seed in backward, once for both dA and the LoRA part of dx;
 //   - backward never forms the frozen weight's gradient; dx = dy W + (mask o) u A accumulates in place;
 //   - saved for backward: x itself and the rank-r t = dropout(x) A^T, nothing else.
 #include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <c10/core/DeviceGuard.h>
@@ -27,14 +27,7 @@ bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->define
 
 at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
-// dropout(x) as a transient matrix (x itself when dropout is off).
-at::Tensor dropped(const at::Tensor& x2, double dropout_p, const std::optional<at::Tensor>& seed) {
-  if (dropout_p <= 0.0 || !has(seed)) return x2;
-  const auto src = unit_column_stride(x2);
-  auto dst = at::empty_like(src, at::MemoryFormat::Contiguous);
-  dropout_apply(src, dst, seed, dropout_p, /*accumulate=*/false);
-  return dst;
-}
+bool dropout_on(double dropout_p, const std::optional<at::Tensor>& seed) { return dropout_p > 0.0 && has(seed); }
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_forward_kernel(const at::Tensor& x, const at::Tensor& weight,
                                                               const std::optional<at::Tensor>& bias,
@@ -47,7 +40,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_kernel(const at::Tensor& 
   auto out_shape = x.sizes().vec();
   out_shape.back() = weight.size(0);
   auto y = has(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-  const auto t = at::mm(dropped(x2, dropout_p, seed), lora_a.t());
+  const auto t = dropout_on(dropout_p, seed) ? dropout_shrink(unit_column_stride(x2), lora_a, seed, dropout_p)
+                                             : at::mm(x2, lora_a.t());
   y.addmm_(t, lora_b.t(), 1.0, scale);  // the up-projection added into the output in place
   return {y.view(out_shape), t.to(at::toOpMathType(x.scalar_type()))};
 }
@@ -70,16 +64,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
   const auto u = at::mm(dy, lora_b).mul_(scale);  // [N, r]
   if (need_b) db = at::mm(dy.t(), t.to(x.scalar_type())).mul_(scale);
   if (need_bias) dbias = dy.sum(0);
-  if (need_a) da = at::mm(u.t(), dropped(x2, dropout_p, seed));  // the mask regenerated, never stored
+  const bool dropout = dropout_on(dropout_p, seed);
   if (need_x) {
     dx = at::mm(dy, weight);  // the frozen weight's gradient is never formed
-    if (dropout_p > 0.0 && has(seed)) {
-      dropout_apply(at::mm(u, lora_a), dx, seed, dropout_p, /*accumulate=*/true);  // dx += mask o (u A) / (1 - p)
-    } else {
-      dx.addmm_(u, lora_a);
-    }
-    dx = dx.view(x.sizes());
+    if (!dropout) dx.addmm_(u, lora_a);
   }
+  if (dropout && (need_x || need_a)) {  // the mask regenerated once for dx += mask o (u A) and dA, never stored
+    auto d = dropout_lowrank_backward(unit_column_stride(x2), need_x ? dx : at::Tensor(), u, lora_a, seed,
+                                      dropout_p, need_a);
+    if (need_a) da = d;
+  } else if (need_a) {
+    da = at::mm(u.t(), x2);
+  }
+  if (need_x) dx = dx.view(x.sizes());
   return {dx, da, db, dbias};
 }
 

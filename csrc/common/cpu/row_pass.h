@@ -10,15 +10,10 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
-#include <climits>
 #include <type_traits>
 #include <vector>
 
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
-
-#include "../philox.h"
+#include "philox_blocks.h"
 
 namespace peftops::cpu {
 
@@ -32,55 +27,6 @@ constexpr int64_t chunk() { return 2 * at::vec::Vectorized<acc_t>::size(); }
 template <typename acc_t>
 int64_t padded_rank(int64_t r) { return (r + chunk<acc_t>() - 1) / chunk<acc_t>() * chunk<acc_t>(); }
 
-// The Philox words of blocks g0 .. g0 + groups - 1 in element order (word j of block g at w[4 g + j]). With AVX2,
-// eight blocks per register in 32-bit lanes (mulhi from two even/odd mul_epu32), transposed back to element order
-// in registers; bit-identical to philox4x32_10. The rest scalar.
-inline void philox_blocks(uint64_t g0, uint64_t groups, uint64_t offset, uint64_t seed, uint32_t* w) {
-  uint64_t g = 0;
-#ifdef __AVX2__
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u)), m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), sign = _mm256_set1_epi32(INT32_MIN);
-  const auto mulhi = [](__m256i a, __m256i m) {
-    const __m256i even = _mm256_srli_epi64(_mm256_mul_epu32(a, m), 32);
-    const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
-    return _mm256_blend_epi32(even, odd, 0xAA);
-  };
-  for (; g + 8 <= groups; g += 8) {
-    const uint64_t base = g0 + g;
-    const __m256i lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(base)));
-    __m256i c0 = _mm256_add_epi32(lo, lanes);
-    // the counter's high word, plus one in the lanes whose low word wrapped (unsigned c0 < base)
-    __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32))),
-                                  _mm256_cmpgt_epi32(_mm256_xor_si256(lo, sign), _mm256_xor_si256(c0, sign)));
-    __m256i c2 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
-    __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      const __m256i hi0 = mulhi(c0, m0), lo0 = _mm256_mullo_epi32(c0, m0);
-      const __m256i hi1 = mulhi(c2, m1), lo1 = _mm256_mullo_epi32(c2, m1);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-      c1 = lo1, c3 = lo0;
-      k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
-    }
-    // 4 x 8 transpose: register j holds word j of blocks 0..7; out holds blocks 2i, 2i + 1 in element order
-    const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
-    const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
-    const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
-    const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
-    __m256i* out = reinterpret_cast<__m256i*>(w + 4 * g);
-    _mm256_storeu_si256(out, _mm256_permute2x128_si256(u0, u1, 0x20));
-    _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(u2, u3, 0x20));
-    _mm256_storeu_si256(out + 2, _mm256_permute2x128_si256(u0, u1, 0x31));
-    _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
-  }
-#endif
-  for (; g < groups; ++g) {
-    const Philox4 b = philox4x32_10(g0 + g, offset, seed);
-    w[4 * g] = b.w0, w[4 * g + 1] = b.w1, w[4 * g + 2] = b.w2, w[4 * g + 3] = b.w3;
-  }
-}
-
 // keep[k] = dropout scale of element (row, k) of a [rows, cols] matrix: 0 or 1/(1-p).
 template <typename acc_t>
 void row_keep(const Dropout& d, int64_t row, int64_t cols, acc_t* keep) {
@@ -92,6 +38,28 @@ void row_keep(const Dropout& d, int64_t row, int64_t cols, acc_t* keep) {
   const auto scale = static_cast<acc_t>(d.keep_scale);
   const uint32_t* mine = words.data() + (first & 3);
   for (int64_t k = 0; k < cols; ++k) keep[k] = mine[k] >= d.threshold ? scale : acc_t(0);
+}
+
+// dst[0:K] = keep o src, plus dst itself when accumulating, in the accumulation type (scratch: 2 K values).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void masked_row(const acc_t* keep, const scalar_t* src, scalar_t* dst, int64_t K, bool accumulate, acc_t* scratch) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {  // no conversions: one loop the compiler vectorises
+    if (accumulate) {
+      for (int64_t k = 0; k < K; ++k) dst[k] += keep[k] * src[k];
+    } else {
+      for (int64_t k = 0; k < K; ++k) dst[k] = keep[k] * src[k];
+    }
+  } else {
+    acc_t *row = scratch, *base = scratch + K;
+    at::vec::convert(src, row, K);
+    if (accumulate) {
+      at::vec::convert(dst, base, K);
+      for (int64_t k = 0; k < K; ++k) row[k] = base[k] + keep[k] * row[k];
+    } else {
+      for (int64_t k = 0; k < K; ++k) row[k] *= keep[k];
+    }
+    at::vec::convert(row, dst, K);
+  }
 }
 
 // dst[0:n] += add[0:n], converting through the accumulation type.

@@ -1,0 +1,125 @@
+// Rank-r products with dropout on their input (common/dropout.h). On the CPU the rows go in blocks small enough to
+// stay in cache: the mask is drawn into a block, the vendor GEMM reads the block, and nothing [N, K] is allocated
+// beyond the outputs; threads take whole blocks and call the GEMM single-threaded on them.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+
+#include "cpu/row_pass.h"
+#include "dropout.h"
+
+namespace peftops {
+namespace {
+
+// About 256 KiB of x's rows per block, so the block, its mask and the GEMM's result rows share a core's L2.
+int64_t rows_per_block(const at::Tensor& x) {
+  return std::clamp<int64_t>((int64_t{256} << 10) / std::max<int64_t>(1, x.size(1) * x.element_size()), 4, 1024);
+}
+
+void check_rows(const at::Tensor& x, const at::Tensor& a, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && a.dim() == 2 && a.size(1) == x.size(1), op,
+              ": expects x [N, K] with unit column stride and a [r, K]");
+}
+
+// The blocks [n0, n0 + rows) of an [N, K] matrix, in parallel. Worker threads do not inherit the caller's
+// dispatch state, so each says again that it runs below autograd (these kernels are).
+template <typename Fn>
+void for_blocks(int64_t N, int64_t block, const Fn& fn) {
+  at::parallel_for(0, (N + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t b = begin; b < end; ++b) fn(b * block, std::min(block, N - b * block));
+  });
+}
+
+}  // namespace
+
+at::Tensor dropout_shrink(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& seed, double p) {
+  check_rows(x, a, "dropout_shrink");
+  if (!x.is_cpu()) {
+    auto dropped = at::empty_like(x, at::MemoryFormat::Contiguous);
+    dropout_apply(x, dropped, seed, p, /*accumulate=*/false);
+    return at::mm(dropped, a.t());
+  }
+  const Dropout d = make_dropout(p, seed);
+  const int64_t N = x.size(0), K = x.size(1), B = rows_per_block(x);
+  auto t = at::empty({N, a.size(0)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_shrink_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    for_blocks(N, B, [&](int64_t n0, int64_t rows) {
+      thread_local std::vector<acc_t> keep, scratch;
+      keep.resize(K), scratch.resize(2 * K);
+      auto block = at::empty({rows, K}, x.options());
+      for (int64_t i = 0; i < rows; ++i) {
+        cpu::row_keep(d, n0 + i, K, keep.data());
+        cpu::masked_row(keep.data(), x.const_data_ptr<scalar_t>() + (n0 + i) * x.stride(0),
+                        block.data_ptr<scalar_t>() + i * K, K, /*accumulate=*/false, scratch.data());
+      }
+      auto out = t.narrow(0, n0, rows);
+      at::mm_out(out, block, a.t());
+    });
+  });
+  return t;
+}
+
+at::Tensor dropout_lowrank_backward(const at::Tensor& x, const at::Tensor& dx, const at::Tensor& u,
+                                    const at::Tensor& a, const std::optional<at::Tensor>& seed, double p,
+                                    bool want_da) {
+  check_rows(x, a, "dropout_lowrank_backward");
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == x.size(0) && u.size(1) == a.size(0) &&
+                  (!dx.defined() || (dx.sizes() == x.sizes() && dx.stride(1) == 1)),
+              "dropout_lowrank_backward: expects u [N, r] and dx like x");
+  if (!x.is_cpu()) {
+    if (dx.defined()) {
+      auto grad = dx;
+      dropout_apply(at::mm(u, a), grad, seed, p, /*accumulate=*/true);
+    }
+    if (!want_da) return at::Tensor();
+    auto dropped = at::empty_like(x, at::MemoryFormat::Contiguous);
+    dropout_apply(x, dropped, seed, p, /*accumulate=*/false);
+    return at::mm(u.t(), dropped);
+  }
+  const Dropout d = make_dropout(p, seed);
+  const int64_t N = x.size(0), K = x.size(1), r = a.size(0), B = rows_per_block(x);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  // dA partial sums, one per thread, in the accumulation type
+  auto partials = want_da ? at::zeros({at::get_num_threads(), r, K}, x.options().dtype(acc)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_lowrank_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    for_blocks(N, B, [&](int64_t n0, int64_t rows) {
+      thread_local std::vector<acc_t> keep, scratch;
+      keep.resize(rows * K), scratch.resize(2 * K);
+      for (int64_t i = 0; i < rows; ++i) cpu::row_keep(d, n0 + i, K, keep.data() + i * K);
+      const auto ub = u.narrow(0, n0, rows);
+      if (want_da) {  // dA += u_b^T (mask o x_b)
+        auto block = at::empty({rows, K}, x.options());
+        for (int64_t i = 0; i < rows; ++i) {
+          cpu::masked_row(keep.data() + i * K, x.const_data_ptr<scalar_t>() + (n0 + i) * x.stride(0),
+                          block.data_ptr<scalar_t>() + i * K, K, /*accumulate=*/false, scratch.data());
+        }
+        auto part = partials[at::get_thread_num()];
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          part.addmm_(ub.t(), block);
+        } else {
+          part.add_(at::mm(ub.t(), block));
+        }
+      }
+      if (dx.defined()) {  // dx_b += mask o (u_b A)
+        const auto ua = at::mm(ub, a);
+        for (int64_t i = 0; i < rows; ++i) {
+          cpu::masked_row(keep.data() + i * K, ua.const_data_ptr<scalar_t>() + i * K,
+                          dx.data_ptr<scalar_t>() + (n0 + i) * dx.stride(0), K, /*accumulate=*/true, scratch.data());
+        }
+      }
+    });
+  });
+  return want_da ? partials.sum(0).to(x.scalar_type()) : at::Tensor();
+}
+
+}  // namespace peftops
