@@ -1,5 +1,6 @@
 // The one TORCH_LIBRARY of peftops: the library itself and what the build put in it. Each op family adds its
 // schemas with TORCH_LIBRARY_FRAGMENT beside its kernels (csrc/<family>/<op>.cpp).
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <string>
@@ -28,5 +29,16 @@ static std::string build_info() {
 }
 
 TORCH_LIBRARY(peftops, m) { m.def("_build_info() -> str", &build_info); }
+
+// The backward ops are differentiable once: a second derivative through one (create_graph=True, gradgradcheck)
+// raises "derivative for peftops::..._backward is not implemented" instead of silently coming out as zero.
+TORCH_LIBRARY_IMPL(peftops, Autograd, m) {
+  for (const char* op : {"lora_linear_backward", "dora_linear_backward", "multi_lora_linear_backward",
+                         "adapter_bottleneck_backward", "bottleneck_activation_backward", "bias_linear_backward",
+                         "bias_dropout_add_backward", "ia3_linear_backward", "ia3_glu_linear_backward",
+                         "prefix_attention_backward"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
+}
 
 }  // namespace peftops

@@ -24,17 +24,20 @@ def _load():
 
 
 LOADED = _load()
+# What the library was built with, read once: the ops' device checks consult it under torch.compile, which cannot
+# trace a custom op that returns a string.
+_BUILD = torch.ops.peftops._build_info().split(";") if LOADED else []
+COMPILED = [c for c in _BUILD if not c.startswith("arch=")]
+CUDA_ARCHS = [c[5:] for c in _BUILD if c.startswith("arch=") and c[5:]]
 
 
 def backends() -> dict:
     """What was compiled (cpu, cuda, CUDA archs) and what can run now."""
-    info = {"compiled": [], "cuda_archs": [], "runs": [], "fallback": fallback_enabled(), "error": _load_error}
+    info = {"compiled": list(COMPILED), "cuda_archs": list(CUDA_ARCHS), "runs": [], "fallback": fallback_enabled(),
+            "error": _load_error}
     if LOADED:
-        compiled = torch.ops.peftops._build_info().split(";")
-        info["compiled"] = [c for c in compiled if not c.startswith("arch=")]
-        info["cuda_archs"] = [c[5:] for c in compiled if c.startswith("arch=") and c[5:]]
         info["runs"] = ["cpu"]
-        if "cuda" in info["compiled"] and torch.cuda.is_available():
+        if "cuda" in COMPILED and torch.cuda.is_available():
             info["runs"].append("cuda")
     return info
 
@@ -50,7 +53,7 @@ def use_kernels(device: torch.device) -> bool:
     """True when a compiled kernel serves `device`; False when the user asked for the fallback; else a clear error."""
     global _warned_fallback
     if LOADED and (device.type == "cpu" or device.type == "meta" or
-                   (device.type == "cuda" and "cuda" in backends()["compiled"])):
+                   (device.type == "cuda" and "cuda" in COMPILED)):
         return True
     if fallback_enabled():
         if not _warned_fallback:

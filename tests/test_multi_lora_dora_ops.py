@@ -51,6 +51,21 @@ def test_multi_lora_matches_reference(device, n, shape):
         check_grads(y, y_ref, (x, b, a, bb), (xd, bd, ad, bbd), dtype)
 
 
+def test_multi_lora_scales_get_a_gradient_when_they_train(device):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(13, 10, generator=gen, dtype=torch.float64).to(device)
+    w = torch.randn(7, 10, generator=gen, dtype=torch.float64).to(device)
+    a = torch.randn(3, 2, 10, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    bb = torch.randn(3, 7, 2, generator=gen, dtype=torch.float64).to(device)
+    scales = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+    idx = torch.tensor([0, 2, -1, 2, 0, 0, 2, -1, 2, 2, 0, 2, 2], device=device)  # adapter 1 has no rows: zero
+    torch.autograd.gradcheck(lambda s, a: peftops.ops.multi_lora_linear(x, w, None, a, bb, s, idx), (scales, a))
+    (g,) = torch.autograd.grad(peftops.ops.multi_lora_linear(x, w, None, a, bb, scales, idx).square().sum(), scales)
+    (g_ref,) = torch.autograd.grad(ref.multi_lora_linear(x, w, None, a, bb, scales, idx).square().sum(), scales)
+    torch.testing.assert_close(g, g_ref)
+    assert g[1] == 0
+
+
 def test_multi_lora_ranks_differ_by_zero_padding(device):
     # adapter 0 of rank 2 and adapter 1 of rank 5, both served as rank 5: padding contributes exactly zero
     x = torch.randn(10, 16, device=device)

@@ -1,4 +1,5 @@
 """Adapter mode: peftops.patch with a LoraConfig against peft on the same weights, and its error paths."""
+import copy
 import math
 
 import pytest
@@ -45,6 +46,15 @@ def test_matches_peft_on_every_linear_by_regex():
     config = LoraConfig(r=4, alpha=16, target_modules=r".*\.(q|k|v|o|gate|up|down)_proj")
     ours, ref = patched_pair(tiny_llama, config)
     assert sum(isinstance(m, LoraLinear) for m in ours.modules()) == 14
+    check_against_peft(ours, ref, input_ids())
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_all_linear_as_peft(family):
+    # peft's "all-linear": every Linear / Conv1D but the output layer; the same modules, outputs and gradients
+    ours, ref = patched_pair(BUILDERS[family], LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    adapted = {n for n, m in ours.named_modules() if isinstance(m, LoraLinear)}
+    assert adapted and not any("lm_head" in n for n in adapted)
     check_against_peft(ours, ref, input_ids())
 
 
@@ -259,3 +269,29 @@ def test_autocast_casts_like_nn_linear():
     torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.05)
     y.float().sum().backward()
     assert layer.lora_A.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_half_precision_model_keeps_float32_adapters_as_peft(use_dora):
+    # peft's autocast_adapter_dtype: adapters over a bf16 base are float32 parameters, cast for each forward
+    import peft
+    base = tiny_llama().to(torch.bfloat16)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, use_dora=use_dora))
+    ours = peftops.patch(base, LoraConfig(r=4, alpha=8, use_dora=use_dora))
+    ref_dtypes = {n.replace(".default.weight", "").replace(".default", "").replace("base_model.model.", ""): p.dtype
+                  for n, p in ref.named_parameters() if p.requires_grad}
+    ours_dtypes = {n: p.dtype for n, p in ours.named_parameters() if p.requires_grad}
+    assert ours_dtypes == ref_dtypes and set(ours_dtypes.values()) == {torch.float32}
+    randomize_lora(ours)
+    ref_params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_" in name and "magnitude" not in name:
+                ref_params[ours_to_peft_name(name)].copy_(p)
+    ids = input_ids()
+    out = output(ours, ids)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), output(ref, ids).float(), rtol=0.05, atol=0.05)
+    loss_of(out).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for n, p in ours.named_parameters()
+               if "lora_B" in n)

@@ -14,7 +14,7 @@ namespace peftops::bitfit {
 
 void check_bias_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "bias_linear: x must have shape [..., in_features], got a 0-d tensor");
-  TORCH_CHECK_VALUE(weight.dim() == 2, "bias_linear: weight must be 2-D [out, in], got shape ", weight.sizes());
+  check_weight(weight, "bias_linear");
   TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), "bias_linear: x has ", x.size(-1),
                     " input features but weight expects ", weight.size(1));
   TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == weight.size(0), "bias_linear: bias must be [", weight.size(0),

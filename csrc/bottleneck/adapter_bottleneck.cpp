@@ -40,12 +40,13 @@ int64_t activation_code(c10::string_view name) {
 
 void check_inputs(const Tensor& h, const Tensor& w_down, const OptTensor& b_down, const Tensor& w_up,
                   const OptTensor& b_up, const OptTensor& residual) {
-  TORCH_CHECK_VALUE(h.dim() >= 1, "adapter_bottleneck: h must have shape [..., d], got a 0-d tensor");
+  TORCH_CHECK_VALUE(h.dim() >= 1 && h.size(-1) >= 1, "adapter_bottleneck: h must have shape [..., d] with d >= 1, got ",
+                    h.sizes());
   TORCH_CHECK_VALUE(w_down.dim() == 2 && w_down.size(1) == h.size(-1), "adapter_bottleneck: w_down must be [m, ",
                     h.size(-1), "], got shape ", w_down.sizes());
   const auto m = w_down.size(0);
   TORCH_CHECK_VALUE(m >= 1, "adapter_bottleneck: the bottleneck size m must be >= 1");
-  TORCH_CHECK_VALUE(w_up.dim() == 2 && w_up.size(1) == m, "adapter_bottleneck: w_up must be [d_out, ", m,
+  TORCH_CHECK_VALUE(w_up.dim() == 2 && w_up.size(0) >= 1 && w_up.size(1) == m, "adapter_bottleneck: w_up must be [d_out, ", m,
                     "], got shape ", w_up.sizes());
   const auto d_out = w_up.size(0);
   if (has(residual)) {
@@ -115,6 +116,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_bottleneck_backward(
 
 Tensor adapter_bottleneck(const Tensor& h, const Tensor& w_down, const OptTensor& b_down, const Tensor& w_up,
                           const OptTensor& b_up, c10::string_view activation, double scale, const OptTensor& residual) {
+  check_inputs(h, w_down, b_down, w_up, b_up, residual);  // before dispatch: a meta argument would pick the fake kernel
   const auto code = activation_code(activation);
   TORCH_CHECK_VALUE(std::isfinite(scale), "adapter_bottleneck: scale must be finite, got ", scale);
   static auto forward = c10::Dispatcher::singleton()

@@ -24,6 +24,12 @@ inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* o
                     ref.device());
 }
 
+// A frozen weight: 2-D [out, in] with at least one row and one column (an empty layer has nothing to adapt).
+inline void check_weight(const at::Tensor& weight, const char* op, const char* name = "weight") {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) >= 1 && weight.size(1) >= 1, op, ": ", name,
+                    " must be 2-D [out, in] with out, in >= 1, got shape ", weight.sizes());
+}
+
 // An optional bias: [out] and like `ref`.
 inline void check_bias(const std::optional<at::Tensor>& bias, int64_t out, const at::Tensor& ref, const char* op,
                        const char* ref_name) {

@@ -77,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_forward(const Tensor& x, 
                                                                const OptTensor& bias, const Tensor& lora_a,
                                                                const Tensor& lora_b, const Tensor& magnitude,
                                                                double scale, double dropout_p, const OptTensor& seed) {
-  lora::check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p);
+  lora::check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p, "dora_linear");
   check_magnitude(weight, magnitude);
   const auto norm = column_norms(weight, lora_a, lora_b, scale);
   const auto g = magnitude.to(norm.scalar_type()).div(norm).to(x.scalar_type());
@@ -124,7 +124,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
 
 Tensor dora_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lora_a,
                    const Tensor& lora_b, const Tensor& magnitude, double scale, double dropout_p, bool training) {
-  lora::check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p);
+  lora::check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p, "dora_linear");
   check_magnitude(weight, magnitude);
   OptTensor seed;
   if (training && dropout_p > 0.0) {

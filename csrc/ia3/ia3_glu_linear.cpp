@@ -66,11 +66,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ia3_glu_linear_backward(const Tensor&
   return {da, db, dbias, dl};
 }
 
-// Accepts peft's [1, in] vector as well as a 1-D one.
 Tensor ia3_glu_linear(const Tensor& gate, const Tensor& up, const Tensor& weight, const OptTensor& bias,
                       const Tensor& ia3_scale) {
-  TORCH_CHECK_VALUE(ia3_scale.dim() >= 1, "ia3_glu_linear: ia3_scale must be a vector, got a 0-d tensor");
-  const auto scale = ia3_scale.reshape({-1});
+  const auto scale = scale_vector(ia3_scale, /*feedforward=*/true, "ia3_glu_linear");
   check_glu_inputs(gate, up, weight, bias, scale);
   static auto forward = c10::Dispatcher::singleton()
                             .findSchemaOrThrow("peftops::ia3_glu_linear_forward", "")

@@ -11,7 +11,7 @@ namespace peftops::ia3 {
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& scale, bool feedforward, const char* op, const char* x_name) {
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": ", x_name, " must have shape [..., in_features], got a 0-d tensor");
-  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [out, in], got shape ", weight.sizes());
+  check_weight(weight, op);
   const auto in = weight.size(1), out = weight.size(0);
   TORCH_CHECK_VALUE(x.size(-1) == in, op, ": ", x_name, " has ", x.size(-1), " input features but weight expects ",
                     in);
@@ -24,11 +24,17 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
   check_bias(bias, out, x, op, x_name);
 }
 
-// Accepts peft's vector shapes ([out, 1] / [1, in]) as well as 1-D ones: any shape with the right element count.
+at::Tensor scale_vector(const at::Tensor& ia3_scale, bool feedforward, const char* op) {
+  const bool ok = ia3_scale.dim() == 1 ||
+                  (ia3_scale.dim() == 2 && (feedforward ? ia3_scale.size(0) == 1 : ia3_scale.size(1) == 1));
+  TORCH_CHECK_VALUE(ok, op, ": ia3_scale must be 1-D or peft's ", feedforward ? "[1, in_features]" : "[out_features, 1]",
+                    ", got shape ", ia3_scale.sizes());
+  return ia3_scale.reshape({-1});
+}
+
 static at::Tensor ia3_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& ia3_scale, bool feedforward) {
-  TORCH_CHECK_VALUE(ia3_scale.dim() >= 1, "ia3_linear: ia3_scale must be a vector, got a 0-d tensor");
-  const auto scale = ia3_scale.reshape({-1});
+  const auto scale = scale_vector(ia3_scale, feedforward, "ia3_linear");
   check_inputs(x, weight, bias, scale, feedforward);
   static auto forward = c10::Dispatcher::singleton()
                             .findSchemaOrThrow("peftops::ia3_linear_forward", "")

@@ -13,24 +13,25 @@
 namespace peftops::lora {
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p) {
-  TORCH_CHECK_VALUE(x.dim() >= 1, "lora_linear: x must have shape [..., in_features], got a 0-d tensor");
-  TORCH_CHECK_VALUE(weight.dim() == 2, "lora_linear: weight must be 2-D [out, in], got shape ", weight.sizes());
-  TORCH_CHECK_VALUE(lora_a.dim() == 2, "lora_linear: lora_a must be 2-D [r, in], got shape ", lora_a.sizes());
-  TORCH_CHECK_VALUE(lora_b.dim() == 2, "lora_linear: lora_b must be 2-D [out, r], got shape ", lora_b.sizes());
+                  const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p,
+                  const char* op) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have shape [..., in_features], got a 0-d tensor");
+  check_weight(weight, op);
+  TORCH_CHECK_VALUE(lora_a.dim() == 2, op, ": lora_a must be 2-D [r, in], got shape ", lora_a.sizes());
+  TORCH_CHECK_VALUE(lora_b.dim() == 2, op, ": lora_b must be 2-D [out, r], got shape ", lora_b.sizes());
   const auto in = weight.size(1), out = weight.size(0), r = lora_a.size(0);
-  TORCH_CHECK_VALUE(x.size(-1) == in, "lora_linear: x has ", x.size(-1), " input features but weight expects ", in);
-  TORCH_CHECK_VALUE(r >= 1, "lora_linear: lora_a must have rank r >= 1, got shape ", lora_a.sizes());
-  TORCH_CHECK_VALUE(lora_a.size(1) == in, "lora_linear: lora_a must be [r, ", in, "], got shape ", lora_a.sizes());
-  TORCH_CHECK_VALUE(lora_b.size(0) == out && lora_b.size(1) == r, "lora_linear: lora_b must be [", out, ", ", r,
+  TORCH_CHECK_VALUE(x.size(-1) == in, op, ": x has ", x.size(-1), " input features but weight expects ", in);
+  TORCH_CHECK_VALUE(r >= 1, op, ": lora_a must have rank r >= 1, got shape ", lora_a.sizes());
+  TORCH_CHECK_VALUE(lora_a.size(1) == in, op, ": lora_a must be [r, ", in, "], got shape ", lora_a.sizes());
+  TORCH_CHECK_VALUE(lora_b.size(0) == out && lora_b.size(1) == r, op, ": lora_b must be [", out, ", ", r,
                     "] (out, r of lora_a), got shape ", lora_b.sizes());
-  check_float(x, "lora_linear", "x");
-  check_like(weight, x, "lora_linear", "weight", "x");
-  check_like(lora_a, x, "lora_linear", "lora_a", "x");
-  check_like(lora_b, x, "lora_linear", "lora_b", "x");
-  check_bias(bias, out, x, "lora_linear", "x");
-  TORCH_CHECK_VALUE(std::isfinite(scale), "lora_linear: scale must be finite, got ", scale);
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "lora_linear: dropout_p must be in [0, 1), got ", dropout_p);
+  check_float(x, op, "x");
+  check_like(weight, x, op, "weight", "x");
+  check_like(lora_a, x, op, "lora_a", "x");
+  check_like(lora_b, x, op, "lora_b", "x");
+  check_bias(bias, out, x, op, "x");
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
 }
 
 at::Tensor as_rows(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}); }

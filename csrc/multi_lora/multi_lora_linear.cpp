@@ -15,7 +15,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
                   const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scales,
                   const at::Tensor& adapter_index) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "multi_lora_linear: x must have shape [..., in_features], got a 0-d tensor");
-  TORCH_CHECK_VALUE(weight.dim() == 2, "multi_lora_linear: weight must be 2-D [out, in], got shape ", weight.sizes());
+  check_weight(weight, "multi_lora_linear");
   const auto in = weight.size(1), out = weight.size(0);
   TORCH_CHECK_VALUE(x.size(-1) == in, "multi_lora_linear: x has ", x.size(-1), " input features but weight expects ", in);
   TORCH_CHECK_VALUE(lora_a.dim() == 3 && lora_a.size(2) == in && lora_a.size(1) >= 1,
@@ -32,11 +32,17 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
   check_like(lora_a, x, "multi_lora_linear", "lora_a", "x");
   check_like(lora_b, x, "multi_lora_linear", "lora_b", "x");
   check_bias(bias, out, x, "multi_lora_linear", "x");
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&scales, "scales"}, {&adapter_index, "adapter_index"}}) {
+    TORCH_CHECK_VALUE(t->device() == x.device() || t->is_cpu(), "multi_lora_linear: ", name, " is on ", t->device(),
+                      " but x is on ", x.device(), " (expected x's device or the CPU)");
+  }
   TORCH_CHECK_TYPE(adapter_index.scalar_type() == at::kLong, "multi_lora_linear: adapter_index must be int64, got ",
                    adapter_index.scalar_type());
-  const auto tokens = in > 0 ? x.numel() / in : 0;
-  TORCH_CHECK_VALUE(adapter_index.dim() == 1 && adapter_index.size(0) == tokens, "multi_lora_linear: adapter_index must be [",
-                    tokens, "] (one entry per token row of x), got shape ", adapter_index.sizes());
+  // sym_: symbolic under torch.compile's dynamic shapes (the comparison becomes a guard)
+  const c10::SymInt tokens = in > 0 ? x.sym_numel() / in : c10::SymInt(0);
+  TORCH_CHECK_VALUE(adapter_index.dim() == 1 && adapter_index.sym_size(0) == tokens,
+                    "multi_lora_linear: adapter_index must be [", tokens, "] (one entry per token row of x), got shape ",
+                    adapter_index.sym_sizes());
 }
 
 Segments make_segments(const at::Tensor& adapter_index, const at::Tensor& scales) {

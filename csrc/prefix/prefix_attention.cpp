@@ -46,7 +46,8 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk, const Tensor& pv,
-                  const OptTensor& attn_mask) {
+                  const OptTensor& attn_mask, std::optional<double> scale) {
+  TORCH_CHECK_VALUE(!scale.has_value() || std::isfinite(*scale), "prefix_attention: scale must be finite, got ", *scale);
   TORCH_CHECK_VALUE(q.dim() == 4, "prefix_attention: q must be [B, Hq, L, D], got shape ", q.sizes());
   const auto B = q.size(0), Hq = q.size(1), D = q.size(3);
   TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == B && k.size(3) == D, "prefix_attention: k must be [", B,
@@ -114,9 +115,9 @@ Tensor additive(const Tensor& visible, const Tensor& like) {
 
 // Whether both segments run on ATen's CPU flash kernel (else the dense path, which CUDA runs; PEFTOPS_PREFIX_DENSE=1
 // forces it on the CPU too, so that the CPU tests exercise the code the GPU runs).
-bool use_flash(const Tensor& q) {
+bool use_flash(const Tensor& q) {  // not for empty queries, which ATen's CPU flash kernel divides by
   const char* dense = std::getenv("PEFTOPS_PREFIX_DENSE");
-  return q.is_cpu() && !(dense && dense[0] == '1');
+  return q.is_cpu() && q.numel() > 0 && !(dense && dense[0] == '1');
 }
 
 // Flash attention's own causal mode (top-left aligned) equals ours (aligned to the end) when L == S; it skips the
@@ -202,7 +203,7 @@ std::tuple<Tensor, Tensor> sequence_attention(const Tensor& q, const Tensor& k, 
 std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                                     const Tensor& pk, const Tensor& pv, const OptTensor& attn_mask,
                                                     bool is_causal, std::optional<double> scale) {
-  check_inputs(q, k, v, pk, pv, attn_mask);
+  check_inputs(q, k, v, pk, pv, attn_mask, scale);
   const auto s = shapes(q, k, pk, scale);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // prefix segment: every key visible
@@ -289,7 +290,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
 
 Tensor prefix_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk, const Tensor& pv,
                         const OptTensor& attn_mask, bool is_causal, std::optional<double> scale) {
-  check_inputs(q, k, v, pk, pv, attn_mask);
+  check_inputs(q, k, v, pk, pv, attn_mask, scale);
   static auto forward = c10::Dispatcher::singleton()
                             .findSchemaOrThrow("peftops::prefix_attention_forward", "")
                             .typed<decltype(prefix_attention_forward)>();

@@ -35,6 +35,10 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
 
 
+def _as(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return p if p.dtype == dtype else p.to(dtype)
+
+
 class LoraLinear(nn.Module):
     """`base(x) + scaling * dropout(x) @ lora_A.T @ lora_B.T`, with the original module kept as `base_layer`; with
     `use_dora`, peft's DoRA: the rows of `W + scaling * B A` rescaled to the trainable `lora_magnitude_vector` [out].
@@ -49,13 +53,16 @@ class LoraLinear(nn.Module):
         self.base_layer = base_layer
         self.r, self.scaling, self.dropout = r, float(scaling), float(dropout)
         self.merged = False
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=weight.dtype, device=weight.device))
+        # As peft (autocast_adapter_dtype): adapters over a float16 / bfloat16 base are kept in float32 and cast to
+        # the base's dtype for each forward, so training updates and saved files are float32.
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.use_dora = bool(use_dora)
         if self.use_dora:
             with torch.no_grad():
-                self.lora_magnitude_vector = nn.Parameter(self._dora_norm(self._delta_weight()))
+                self.lora_magnitude_vector = nn.Parameter(self._dora_norm(self._delta_weight()).to(dtype))
 
     @property
     def in_features(self) -> int:
@@ -68,11 +75,12 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        weight = base_weight(self.base_layer)
+        a, b = _as(self.lora_A, weight.dtype), _as(self.lora_B, weight.dtype)
         if self.use_dora:
-            return ops.dora_linear(x, base_weight(self.base_layer), self.base_layer.bias, self.lora_A, self.lora_B,
-                                   self.lora_magnitude_vector, self.scaling, self.dropout, training=self.training)
-        return ops.lora_linear(x, base_weight(self.base_layer), self.base_layer.bias, self.lora_A, self.lora_B,
-                               self.scaling, self.dropout, training=self.training)
+            return ops.dora_linear(x, weight, self.base_layer.bias, a, b, _as(self.lora_magnitude_vector, weight.dtype),
+                                   self.scaling, self.dropout, training=self.training)
+        return ops.lora_linear(x, weight, self.base_layer.bias, a, b, self.scaling, self.dropout, training=self.training)
 
     @torch.no_grad()
     def merge(self) -> nn.Module:
@@ -83,7 +91,8 @@ class LoraLinear(nn.Module):
             delta = self._delta_weight()
             if self.use_dora:  # peft's DoRA merge: W' = m / ||W + dW|| * (W + dW), rows, in the weight's dtype
                 merged = weight + delta
-                weight.copy_((self.lora_magnitude_vector / self._dora_norm(delta)).view(-1, 1) * merged)
+                scale = self.lora_magnitude_vector.to(weight.dtype) / self._dora_norm(delta)
+                weight.copy_(scale.view(-1, 1) * merged)
             else:
                 weight.add_(delta)
             self.merged = True

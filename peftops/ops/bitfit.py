@@ -3,10 +3,12 @@ import torch
 
 from .. import _extension
 from . import reference
+from ._args import check_tensors
 
 
 def bias_linear(x, weight, bias):
     """`x @ weight.T + bias` with a frozen weight: gradients to x and bias only, no activation saved."""
+    check_tensors("bias_linear", x=x, weight=weight, bias=bias)
     if _extension.use_kernels(x.device):
         return torch.ops.peftops.bias_linear(x, weight, bias)
     return reference.bias_linear(x, weight, bias)
@@ -14,6 +16,7 @@ def bias_linear(x, weight, bias):
 
 def bias_dropout_add(x, bias, residual, p=0.0, *, training=True):
     """`residual + dropout(x + bias)` in one pass; the mask is regenerated in backward from a seed, never stored."""
+    check_tensors("bias_dropout_add", x=x, bias=bias, residual=residual)
     if _extension.use_kernels(x.device):
         return torch.ops.peftops.bias_dropout_add(x, bias, residual, float(p), training=training)
     if not 0.0 <= p < 1.0:

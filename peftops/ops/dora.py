@@ -3,12 +3,15 @@ import torch
 
 from .. import _extension
 from . import reference
+from ._args import check_tensors
 
 
 def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p=0.0, *, training=True):
     """peft's DoRA: `magnitude / ||W + scale * B A||` (norm detached) times the LoRA layer's output, bias after;
     computed without materialising `W + scale * B @ A`. With dropout in training, as peft, the base output of the
     dropped input is recomputed: `x W^T + b + (g - 1) * (x_d W^T) + g * scale * x_d A^T B^T`."""
+    check_tensors("dora_linear", ("bias",), x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
+                  magnitude=magnitude)
     if _extension.use_kernels(x.device):
         return torch.ops.peftops.dora_linear(x, weight, bias, lora_a, lora_b, magnitude, float(scale),
                                              float(dropout_p), training=training)

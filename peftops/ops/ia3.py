@@ -3,6 +3,7 @@ import torch
 
 from .. import _extension
 from . import reference
+from ._args import check_tensors
 
 
 def ia3_linear(x, weight, bias, ia3_scale, *, feedforward=False):
@@ -11,6 +12,7 @@ def ia3_linear(x, weight, bias, ia3_scale, *, feedforward=False):
     `ia3_scale` has out_features (in_features with feedforward) elements, 1-D or in peft's [out, 1] / [1, in]
     shape. The frozen weight gets no gradient; the base output the scale's gradient needs is kept where it is no bigger
     than x (out_features <= in_features), else recomputed from x."""
+    check_tensors("ia3_linear", ("bias",), x=x, weight=weight, bias=bias, ia3_scale=ia3_scale)
     if _extension.use_kernels(x.device):
         return torch.ops.peftops.ia3_linear(x, weight, bias, ia3_scale, feedforward=feedforward)
     return reference.ia3_linear(x, weight, bias, ia3_scale, feedforward)
@@ -20,6 +22,7 @@ def ia3_glu_linear(gate, up, weight, bias, ia3_scale):
     """`ia3_linear(gate * up, weight, bias, ia3_scale, feedforward=True)` for a gated feed-forward block (Llama's
     `down_proj(act_fn(gate_proj(x)) * up_proj(x))`), keeping only `gate` and `up` for backward, which the block's
     product would keep anyway, instead of a copy of their product: IA3 on the down projection then saves nothing."""
+    check_tensors("ia3_glu_linear", ("bias",), gate=gate, up=up, weight=weight, bias=bias, ia3_scale=ia3_scale)
     if _extension.use_kernels(gate.device):
         return torch.ops.peftops.ia3_glu_linear(gate, up, weight, bias, ia3_scale)
     return reference.ia3_glu_linear(gate, up, weight, bias, ia3_scale)

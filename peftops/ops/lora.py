@@ -3,6 +3,7 @@ import torch
 
 from .. import _extension
 from . import reference
+from ._args import check_tensors
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, *, training=True):
@@ -10,6 +11,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, *, traini
 
     `weight` is frozen (never gets a gradient). The dropout mask is regenerated in backward from a seed drawn
     from torch's generator for x's device, so `torch.manual_seed` reproduces it; it is never stored."""
+    check_tensors("lora_linear", ("bias",), x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
     if _extension.use_kernels(x.device):
         return torch.ops.peftops.lora_linear(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p),
                                              training=training)

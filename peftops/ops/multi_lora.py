@@ -3,6 +3,7 @@ import torch
 
 from .. import _extension
 from . import reference
+from ._args import check_tensors
 
 
 def multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, adapter_index):
@@ -12,6 +13,8 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, adapter_index):
     `lora_a [n, r, in]`, `lora_b [n, out, r]`, `scales [n]`, `adapter_index [tokens]` (int64, one per row of x
     flattened to [tokens, in]). Adapters of lower rank are zero-padded to r. Rows are grouped by adapter once per
     call; each segment is shrunk to rank r and expanded into the output in place."""
+    check_tensors("multi_lora_linear", ("bias",), x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
+                  scales=scales, adapter_index=adapter_index)
     if _extension.use_kernels(x.device):
         return torch.ops.peftops.multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, adapter_index)
     return reference.multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, adapter_index)

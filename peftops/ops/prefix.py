@@ -3,6 +3,7 @@ import torch
 
 from .. import _extension
 from . import reference
+from ._args import check_tensors
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, *, attn_mask=None, is_causal=False, scale=None):
@@ -11,6 +12,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, attn_mask=None, is_causal=F
     `q [B, Hq, L, D]`, `k, v [B, Hkv, S, D]` (Hq a multiple of Hkv), `prefix_k, prefix_v [Hkv, P, D]` shared by every
     row (or `[B, Hkv, P, D]`), `attn_mask [B, S]` bool over the sequence keys (True = attend). Prefix keys are always
     visible; `is_causal` applies within the sequence part, aligned to its end."""
+    check_tensors("prefix_attention", ("attn_mask",), q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v,
+                  attn_mask=attn_mask)
     if _extension.use_kernels(q.device):
         return torch.ops.peftops.prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=attn_mask,
                                                   is_causal=is_causal, scale=scale)

@@ -56,8 +56,22 @@ def matches(targets, name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+ALL_LINEAR = "all-linear"
+
+
+def all_linear_names(model: nn.Module) -> list:
+    """peft's "all-linear": every nn.Linear / Conv1D module except the model's output layer (its LM head)."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    return [n for n, m in model.named_modules() if n and is_supported(m) and m is not output]
+
+
 def find_targets(model: nn.Module, targets, explicit: bool, technique: str = "LoRA") -> list:
     """(name, module) for every module `targets` names; ValueError naming what matches nothing or is unsupported."""
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        targets = all_linear_names(model)
+        if not targets:
+            raise ValueError(f"target_modules='all-linear' found no linear layer in {type(model).__name__}")
     found = [(n, m) for n, m in model.named_modules() if n and matches(targets, n)]
     if not found:
         raise ValueError(f"target_modules {targets!r} match no module of {type(model).__name__}")

@@ -1,5 +1,6 @@
 // Autograd of multi_lora_linear_forward: saves x (no copy), the per-token rank-r t and the index; gradients
-// to x, every adapter's lora_a / lora_b and the bias, never to the frozen weight or the scales.
+// to x, every adapter's lora_a / lora_b, the bias and (when they train) the scales, never to the frozen weight.
+#include <ATen/ops/ones_like.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -39,10 +40,19 @@ class MultiLoraLinearFunction : public torch::autograd::Function<MultiLoraLinear
     const size_t has_bias = ctx->saved_data["has_bias"].toBool() ? 1 : 0;
     const std::array<bool, 4> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(2 + has_bias),
                                       ctx->needs_input_grad(3 + has_bias), has_bias && ctx->needs_input_grad(2)};
-    auto [dx, da, db, dbias] = op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[6], mask);
+    const auto dy = grads[0].contiguous();
+    auto [dx, da, db, dbias] = op.call(dy, s[0], s[1], s[2], s[3], s[4], s[5], s[6], mask);
+    at::Tensor dscales;
+    if (ctx->needs_input_grad(4 + has_bias)) {
+      // d scale_a = <dy_a^T t_a, B_a>: lora_b's gradient at unit scales contracted with lora_b (one more pass over dy,
+      // only when the scales train)
+      const auto db_unit = std::get<2>(op.call(dy, s[0], s[1], s[2], s[3], at::ones_like(s[4]), s[5], s[6],
+                                               {false, false, true, false}));
+      dscales = db_unit.mul(s[3]).sum({1, 2}, false, at::kDouble).to(s[4].scalar_type());
+    }
     const auto pick = [](bool need, const at::Tensor& g) { return need ? g : at::Tensor(); };
-    return {pick(mask[0], dx), at::Tensor(), pick(mask[3], dbias), pick(mask[1], da), pick(mask[2], db),
-            at::Tensor(), at::Tensor()};
+    return {pick(mask[0], dx), at::Tensor(), pick(mask[3], dbias), pick(mask[1], da), pick(mask[2], db), dscales,
+            at::Tensor()};
   }
 };
 

@@ -1,0 +1,173 @@
+"""Edges every op family shares: empty inputs, zero-width layers, second derivatives, arguments on the wrong
+device (meta included), peft's vector shapes for IA3, and torch.compile with dynamic shapes."""
+import pytest
+import torch
+
+from peftops import _extension, ops
+
+
+def _lora(x):
+    return ops.lora_linear(x, torch.randn(6, 8), torch.randn(6), torch.randn(2, 8, requires_grad=True),
+                           torch.randn(6, 2, requires_grad=True), 1.5)
+
+
+def _dora(x):
+    return ops.dora_linear(x, torch.randn(6, 8), None, torch.randn(2, 8), torch.randn(6, 2), torch.rand(6) + 0.5, 1.5)
+
+
+def _multi_lora(x):
+    return ops.multi_lora_linear(x, torch.randn(6, 8), None, torch.randn(2, 2, 8), torch.randn(2, 6, 2),
+                                 torch.ones(2), torch.tensor([0, 1, -1, 0]))
+
+
+def _bottleneck(x):
+    return ops.adapter_bottleneck(x, torch.randn(3, 8), torch.randn(3), torch.randn(8, 3), torch.randn(8),
+                                  activation="gelu")
+
+
+def _bias_linear(x):
+    return ops.bias_linear(x, torch.randn(6, 8), torch.randn(6, requires_grad=True))
+
+
+def _bias_dropout_add(x):
+    return ops.bias_dropout_add(x, torch.randn(8, requires_grad=True), torch.randn(4, 8), 0.0)
+
+
+def _ia3(x):
+    return ops.ia3_linear(x, torch.randn(6, 8), None, torch.rand(1, 8, requires_grad=True), feedforward=True)
+
+
+def _ia3_glu(x):
+    return ops.ia3_glu_linear(x, x.detach().cos(), torch.randn(6, 8), None, torch.rand(8, requires_grad=True))
+
+
+def _prefix(x):
+    q = x.view(1, 2, 2, 8)
+    k = torch.randn(1, 2, 3, 8)
+    return ops.prefix_attention(q, k, k, torch.randn(2, 4, 8), torch.randn(2, 4, 8), is_causal=True)
+
+
+OPS = {"lora": _lora, "dora": _dora, "multi_lora": _multi_lora, "bottleneck": _bottleneck,
+       "bias_linear": _bias_linear, "bias_dropout_add": _bias_dropout_add, "ia3": _ia3, "ia3_glu": _ia3_glu,
+       "prefix": _prefix}
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_second_derivative_is_an_error_not_zero(op):
+    x = torch.randn(4, 8, dtype=torch.float64).float().requires_grad_()
+    y = OPS[op](x)
+    (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)  # first order works
+    assert g.shape == x.shape and torch.isfinite(g).all()
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.grad(g.sum(), x)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 0, 8), (0, 2, 3, 8)])
+def test_prefix_attention_empty_queries(shape):
+    # ATen's CPU flash kernel divides by the query count: an empty q must not reach it
+    q = torch.randn(shape, requires_grad=True)
+    k = torch.randn(shape[0], 2, 5, 8, requires_grad=True)
+    pk, pv = torch.randn(2, 4, 8, requires_grad=True), torch.randn(2, 4, 8, requires_grad=True)
+    out = ops.prefix_attention(q, k, k, pk, pv, is_causal=True)
+    assert out.shape == shape
+    out.sum().backward()
+    assert torch.equal(pk.grad, torch.zeros_like(pk)) and torch.equal(k.grad, torch.zeros_like(k))
+
+
+def test_prefix_attention_rejects_a_non_finite_scale():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ops.prefix_attention(q, q, q, torch.randn(2, 4, 8), torch.randn(2, 4, 8), scale=float("nan"))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ops.lora_linear(torch.randn(3, 0), torch.randn(5, 0), None, torch.randn(2, 0), torch.randn(5, 2), 1.0),
+     "lora_linear: weight must be 2-D"),
+    (lambda: ops.dora_linear(torch.randn(3, 8), torch.randn(0, 8), None, torch.randn(2, 8), torch.randn(0, 2),
+                             torch.ones(0), 1.0), "dora_linear: weight"),
+    (lambda: ops.multi_lora_linear(torch.randn(3, 0), torch.randn(5, 0), None, torch.randn(1, 2, 0),
+                                   torch.randn(1, 5, 2), torch.ones(1), torch.zeros(3, dtype=torch.long)),
+     "multi_lora_linear: weight"),
+    (lambda: ops.bias_linear(torch.randn(3, 4), torch.randn(0, 4), torch.randn(0)), "bias_linear: weight"),
+    (lambda: ops.ia3_linear(torch.randn(3, 0), torch.randn(5, 0), None, torch.ones(5)), "ia3_linear: weight"),
+    (lambda: ops.adapter_bottleneck(torch.randn(3, 0), torch.randn(2, 0), None, torch.randn(0, 2), None),
+     "adapter_bottleneck: h"),
+])
+def test_zero_width_layers_are_named_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_dora_errors_name_dora():
+    with pytest.raises(ValueError, match="dora_linear: x has 7 input features"):
+        ops.dora_linear(torch.randn(3, 7), torch.randn(5, 8), None, torch.randn(2, 8), torch.randn(5, 2), torch.ones(5),
+                        1.0)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda h: ops.adapter_bottleneck(h, torch.randn(2, 8, device="meta"), None, torch.randn(8, 2), None), "w_down"),
+    (lambda h: ops.adapter_bottleneck(h, torch.randn(2, 8), None, torch.randn(8, 2), None,
+                                      residual=torch.randn(3, 8, device="meta")), "residual"),
+    (lambda h: ops.multi_lora_linear(h, torch.randn(5, 8), None, torch.randn(2, 2, 8), torch.randn(2, 5, 2),
+                                     torch.ones(2, device="meta"), torch.tensor([0, 1, -1])), "scales"),
+    (lambda h: ops.multi_lora_linear(h, torch.randn(5, 8), None, torch.randn(2, 2, 8), torch.randn(2, 5, 2),
+                                     torch.ones(2), torch.tensor([0, 1, -1], device="meta")), "adapter_index"),
+])
+def test_an_argument_on_another_device_is_named(call, match):
+    # a meta argument must not send the call to the fake kernel (uninitialised output)
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(3, 8))
+
+
+def test_ia3_scale_takes_peft_shapes_and_nothing_else():
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    ref = ops.ia3_linear(x, w, None, torch.arange(5.0))
+    assert torch.equal(ops.ia3_linear(x, w, None, torch.arange(5.0).view(5, 1)), ref)  # peft's [out, 1]
+    ref_ff = ops.ia3_linear(x, w, None, torch.arange(8.0), feedforward=True)
+    assert torch.equal(ops.ia3_linear(x, w, None, torch.arange(8.0).view(1, 8), feedforward=True), ref_ff)
+    for bad, ff in ((torch.ones(1, 5), False), (torch.ones(1, 5, 1), False), (torch.ones(8, 1), True)):
+        with pytest.raises(ValueError, match="ia3_scale must be 1-D or peft's"):
+            ops.ia3_linear(x, w, None, bad, feedforward=ff)
+    with pytest.raises(ValueError, match="ia3_glu_linear: ia3_scale"):
+        ops.ia3_glu_linear(x, x, w, None, torch.ones(8, 1))
+
+
+def test_multi_lora_linear_compiles_with_dynamic_shapes():
+    w, a, b, s = torch.randn(6, 8), torch.randn(3, 2, 8), torch.randn(3, 6, 2), torch.rand(3)
+    f = torch.compile(ops.multi_lora_linear, fullgraph=True, dynamic=True, backend="aot_eager")
+    for tokens in (5, 9):
+        x, idx = torch.randn(tokens, 8), torch.randint(-1, 3, (tokens,))
+        torch.testing.assert_close(f(x, w, None, a, b, s, idx), ops.multi_lora_linear(x, w, None, a, b, s, idx))
+
+
+@pytest.mark.skipif("cuda" not in _extension.COMPILED, reason="built without CUDA kernels")
+def test_the_device_check_traces_for_cuda():
+    # the ops ask whether CUDA kernels were built; under torch.compile that must not call an op returning a string
+    f = torch.compile(lambda x: x * 2 if _extension.use_kernels(torch.device("cuda")) else x, fullgraph=True,
+                      backend="eager")
+    assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x: ops.lora_linear(x.tolist(), torch.randn(5, 8), None, torch.randn(2, 8), torch.randn(5, 2), 1.0),
+     "lora_linear: x must be a torch.Tensor, got list"),
+    (lambda x: ops.bias_linear(x, torch.randn(5, 8), None), "bias_linear: bias must be a torch.Tensor, got NoneType"),
+    (lambda x: ops.bias_dropout_add(x, None, x), "bias_dropout_add: bias must be"),
+    (lambda x: ops.ia3_linear(x, torch.randn(5, 8), None, None), "ia3_linear: ia3_scale must be"),
+    (lambda x: ops.multi_lora_linear(x, torch.randn(5, 8), None, torch.randn(2, 2, 8), torch.randn(2, 5, 2),
+                                     torch.ones(2), None), "multi_lora_linear: adapter_index must be"),
+    (lambda x: ops.prefix_attention(x.view(1, 1, 3, 8), None, None, torch.randn(1, 2, 8), torch.randn(1, 2, 8)),
+     "prefix_attention: k must be"),
+])
+def test_a_missing_tensor_is_named(call, match):
+    with pytest.raises(TypeError, match=match):
+        call(torch.randn(3, 8))
+
+
+@pytest.mark.parametrize("fn", ["patch", "unpatch", "merge", "trainable_parameters", "save_adapter", "load_adapter"])
+def test_model_functions_need_a_module(fn, tmp_path):
+    import peftops
+    args = {"patch": ("not a model", peftops.LoraConfig()), "save_adapter": (None, str(tmp_path)),
+            "load_adapter": (None, str(tmp_path))}.get(fn, (None,))
+    with pytest.raises(TypeError, match=f"{fn}: model must be a torch.nn.Module"):
+        getattr(peftops, fn)(*args)
