@@ -306,3 +306,19 @@ def test_merged_adapter_is_not_saved(tmp_path):
             m.merge()
     with pytest.raises(ValueError, match="merged"):
         peftops.save_adapter(model, str(tmp_path))
+
+
+def test_half_precision_model_keeps_float32_vectors_as_peft():
+    # peft's autocast_adapter_dtype: IA3 vectors over a bf16 base are float32 parameters, cast for each forward
+    base = tiny_llama().to(torch.bfloat16)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config())
+    ours = peftops.patch(base, IA3Config())
+    assert {p.dtype for p in ours.parameters() if p.requires_grad} == {torch.float32}
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == \
+        sum(p.numel() for p in ref.parameters() if p.requires_grad)
+    ids = input_ids()
+    out = output(ours, ids)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), output(ref, ids).float(), rtol=0.02, atol=0.02)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters() if p.requires_grad)

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .lora import base_weight, wrapped_shape
+from .lora import adapter_dtype, base_weight, cast_to, wrapped_shape
 
 
 class Ia3Linear(nn.Module):
@@ -20,12 +20,15 @@ class Ia3Linear(nn.Module):
         self.feedforward = bool(feedforward)
         self.merged = False
         shape = (1, in_features) if self.feedforward else (out_features, 1)
-        self.ia3_l = nn.Parameter(torch.ones(shape, dtype=weight.dtype, device=weight.device))
+        self.ia3_l = nn.Parameter(torch.ones(shape, dtype=adapter_dtype(weight.dtype), device=weight.device))
+
+    def _scale(self) -> torch.Tensor:
+        return cast_to(self.ia3_l, self.base_layer.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        return ops.ia3_linear(x, base_weight(self.base_layer), self.base_layer.bias, self.ia3_l,
+        return ops.ia3_linear(x, base_weight(self.base_layer), self.base_layer.bias, self._scale(),
                               feedforward=self.feedforward)
 
     def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -33,7 +36,7 @@ class Ia3Linear(nn.Module):
         backward (ops.ia3_glu_linear); peftops.patch routes Llama-style MLPs through it."""
         if self.merged or not self.feedforward:
             return self(gate * up)
-        return ops.ia3_glu_linear(gate, up, base_weight(self.base_layer), self.base_layer.bias, self.ia3_l)
+        return ops.ia3_glu_linear(gate, up, base_weight(self.base_layer), self.base_layer.bias, self._scale())
 
     @torch.no_grad()
     def merge(self) -> nn.Module:

@@ -35,7 +35,13 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
 
 
-def _as(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """As peft's autocast_adapter_dtype: adapters over a float16 / bfloat16 base are float32 parameters (cast to the
+    base's dtype for each forward), so training updates and saved files are float32."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
+def cast_to(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return p if p.dtype == dtype else p.to(dtype)
 
 
@@ -53,9 +59,7 @@ class LoraLinear(nn.Module):
         self.base_layer = base_layer
         self.r, self.scaling, self.dropout = r, float(scaling), float(dropout)
         self.merged = False
-        # As peft (autocast_adapter_dtype): adapters over a float16 / bfloat16 base are kept in float32 and cast to
-        # the base's dtype for each forward, so training updates and saved files are float32.
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        dtype = adapter_dtype(weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -76,11 +80,11 @@ class LoraLinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         weight = base_weight(self.base_layer)
-        a, b = _as(self.lora_A, weight.dtype), _as(self.lora_B, weight.dtype)
+        a, b, bias = cast_to(self.lora_A, weight.dtype), cast_to(self.lora_B, weight.dtype), self.base_layer.bias
         if self.use_dora:
-            return ops.dora_linear(x, weight, self.base_layer.bias, a, b, _as(self.lora_magnitude_vector, weight.dtype),
-                                   self.scaling, self.dropout, training=self.training)
-        return ops.lora_linear(x, weight, self.base_layer.bias, a, b, self.scaling, self.dropout, training=self.training)
+            magnitude = cast_to(self.lora_magnitude_vector, weight.dtype)
+            return ops.dora_linear(x, weight, bias, a, b, magnitude, self.scaling, self.dropout, training=self.training)
+        return ops.lora_linear(x, weight, bias, a, b, self.scaling, self.dropout, training=self.training)
 
     @torch.no_grad()
     def merge(self) -> nn.Module:

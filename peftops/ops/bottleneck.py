@@ -9,8 +9,8 @@ from ._args import check_tensors
 def adapter_bottleneck(h, w_down, b_down, w_up, b_up, *, activation="relu", scale=1.0, residual=None):
     """`residual + scale * (act(h @ w_down.T + b_down) @ w_up.T + b_up)`, `residual` defaulting to `h`;
     activation one of relu, gelu, gelu_tanh, silu. Backward keeps only h and the bottleneck pre-activation."""
-    check_tensors("adapter_bottleneck", ("b_down", "b_up", "residual"), h=h, w_down=w_down, b_down=b_down, w_up=w_up,
-                  b_up=b_up, residual=residual)
+    check_tensors("adapter_bottleneck", ("b_down", "b_up", "residual"), h=h, w_down=w_down, b_down=b_down,
+                  w_up=w_up, b_up=b_up, residual=residual)
     if _extension.use_kernels(h.device):
         return torch.ops.peftops.adapter_bottleneck(h, w_down, b_down, w_up, b_up, activation=activation,
                                                     scale=float(scale), residual=residual)
