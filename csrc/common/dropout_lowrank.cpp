@@ -38,6 +38,18 @@ void for_blocks(int64_t N, int64_t block, const Fn& fn) {
   });
 }
 
+// keep[i, :] = the mask's row n0 + i, and block[i, :] = keep[i, :] o x[n0 + i, :], for the block's rows.
+template <typename scalar_t, typename acc_t>
+void mask_block(const Dropout& d, const at::Tensor& x, int64_t n0, int64_t rows, acc_t* keep, at::Tensor& block,
+                acc_t* scratch) {
+  const int64_t K = x.size(1);
+  for (int64_t i = 0; i < rows; ++i) {
+    cpu::row_keep(d, n0 + i, K, keep + i * K);
+    cpu::masked_row(keep + i * K, x.const_data_ptr<scalar_t>() + (n0 + i) * x.stride(0),
+                    block.data_ptr<scalar_t>() + i * K, K, /*accumulate=*/false, scratch);
+  }
+}
+
 }  // namespace
 
 at::Tensor dropout_shrink(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& seed, double p) {
@@ -54,13 +66,9 @@ at::Tensor dropout_shrink(const at::Tensor& x, const at::Tensor& a, const std::o
     using acc_t = at::opmath_type<scalar_t>;
     for_blocks(N, B, [&](int64_t n0, int64_t rows) {
       thread_local std::vector<acc_t> keep, scratch;
-      keep.resize(K), scratch.resize(2 * K);
+      keep.resize(rows * K), scratch.resize(2 * K);
       auto block = at::empty({rows, K}, x.options());
-      for (int64_t i = 0; i < rows; ++i) {
-        cpu::row_keep(d, n0 + i, K, keep.data());
-        cpu::masked_row(keep.data(), x.const_data_ptr<scalar_t>() + (n0 + i) * x.stride(0),
-                        block.data_ptr<scalar_t>() + i * K, K, /*accumulate=*/false, scratch.data());
-      }
+      mask_block<scalar_t>(d, x, n0, rows, keep.data(), block, scratch.data());
       auto out = t.narrow(0, n0, rows);
       at::mm_out(out, block, a.t());
     });
@@ -95,14 +103,10 @@ at::Tensor dropout_lowrank_backward(const at::Tensor& x, const at::Tensor& dx, c
     for_blocks(N, B, [&](int64_t n0, int64_t rows) {
       thread_local std::vector<acc_t> keep, scratch;
       keep.resize(rows * K), scratch.resize(2 * K);
-      for (int64_t i = 0; i < rows; ++i) cpu::row_keep(d, n0 + i, K, keep.data() + i * K);
       const auto ub = u.narrow(0, n0, rows);
-      if (want_da) {  // dA += u_b^T (mask o x_b)
+      if (want_da) {  // dA += u_b^T (mask o x_b); the mask drawn here serves dx too
         auto block = at::empty({rows, K}, x.options());
-        for (int64_t i = 0; i < rows; ++i) {
-          cpu::masked_row(keep.data() + i * K, x.const_data_ptr<scalar_t>() + (n0 + i) * x.stride(0),
-                          block.data_ptr<scalar_t>() + i * K, K, /*accumulate=*/false, scratch.data());
-        }
+        mask_block<scalar_t>(d, x, n0, rows, keep.data(), block, scratch.data());
         auto part = partials[at::get_thread_num()];
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
           part.addmm_(ub.t(), block);
@@ -111,6 +115,7 @@ at::Tensor dropout_lowrank_backward(const at::Tensor& x, const at::Tensor& dx, c
         }
       }
       if (dx.defined()) {  // dx_b += mask o (u_b A)
+        for (int64_t i = 0; i < rows && !want_da; ++i) cpu::row_keep(d, n0 + i, K, keep.data() + i * K);
         const auto ua = at::mm(ub, a);
         for (int64_t i = 0; i < rows; ++i) {
           cpu::masked_row(keep.data() + i * K, ua.const_data_ptr<scalar_t>() + i * K,
