@@ -51,6 +51,22 @@ def test_multi_lora_matches_reference(device, n, shape):
         check_grads(y, y_ref, (x, b, a, bb), (xd, bd, ad, bbd), dtype)
 
 
+@pytest.mark.parametrize("index", [[0, 0, 0, 1, 1, 2, 2, 2, 2, -1, -1, 1], [1] * 12, [-1, 2, 2, 2, 0, 0, 0, 0, 1, 2, 1, 1]])
+def test_multi_lora_runs_of_rows_match_reference(device, index):
+    # a request's tokens share its adapter: segments that are one contiguous run are served as views, in place
+    gen = torch.Generator().manual_seed(11)
+    idx = torch.tensor(index, device=device)
+    x = torch.randn(12, 9, generator=gen).to(device).requires_grad_()
+    w = torch.randn(7, 9, generator=gen).to(device)
+    a = torch.randn(3, 4, 9, generator=gen).to(device).requires_grad_()
+    bb = torch.randn(3, 7, 4, generator=gen).to(device).requires_grad_()
+    scales = torch.tensor([0.5, 1.5, 2.0], device=device)
+    y = peftops.ops.multi_lora_linear(x, w, None, a, bb, scales, idx)
+    xd, wd, _, ad, bbd = doubles(x, w, None, a, bb)
+    y_ref = ref.multi_lora_linear(xd, wd, None, ad, bbd, scales.double(), idx)
+    check_grads(y, y_ref, (x, a, bb), (xd, ad, bbd), torch.float32)
+
+
 def test_multi_lora_scales_get_a_gradient_when_they_train(device):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(13, 10, generator=gen, dtype=torch.float64).to(device)
