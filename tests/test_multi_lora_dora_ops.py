@@ -51,7 +51,8 @@ def test_multi_lora_matches_reference(device, n, shape):
         check_grads(y, y_ref, (x, b, a, bb), (xd, bd, ad, bbd), dtype)
 
 
-@pytest.mark.parametrize("index", [[0, 0, 0, 1, 1, 2, 2, 2, 2, -1, -1, 1], [1] * 12, [-1, 2, 2, 2, 0, 0, 0, 0, 1, 2, 1, 1]])
+@pytest.mark.parametrize("index", [[0, 0, 0, 1, 1, 2, 2, 2, 2, -1, -1, 1], [1] * 12,
+                                   [-1, 2, 2, 2, 0, 0, 0, 0, 1, 2, 1, 1]])
 def test_multi_lora_runs_of_rows_match_reference(device, index):
     # a request's tokens share its adapter: segments that are one contiguous run are served as views, in place
     gen = torch.Generator().manual_seed(11)

@@ -26,7 +26,8 @@ def main():
     with torch.no_grad():
         times = interleaved({k: (lambda f=f: f(x)) for k, f in forwards.items()}, args.rounds)
     floor = times["lora_linear"]
-    print(f"tokens={bench.ROWS * bench.ROW_TOKENS} in=out={bench.FEATURES} r={bench.RANK} threads={torch.get_num_threads()}")
+    print(f"tokens={bench.ROWS * bench.ROW_TOKENS} in=out={bench.FEATURES} r={bench.RANK} "
+          f"threads={torch.get_num_threads()}")
     for k, v in times.items():
         n = k.split("n=")[-1]
         vs_peft = f"  {v / times[f'peft n={n}']:.3f}x peft" if k.startswith("peftops") else ""
