@@ -27,8 +27,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
 at::Tensor scale_vector(const at::Tensor& ia3_scale, bool feedforward, const char* op) {
   const bool ok = ia3_scale.dim() == 1 ||
                   (ia3_scale.dim() == 2 && (feedforward ? ia3_scale.size(0) == 1 : ia3_scale.size(1) == 1));
-  TORCH_CHECK_VALUE(ok, op, ": ia3_scale must be 1-D or peft's ", feedforward ? "[1, in_features]" : "[out_features, 1]",
-                    ", got shape ", ia3_scale.sizes());
+  TORCH_CHECK_VALUE(ok, op, ": ia3_scale must be 1-D or peft's ",
+                    feedforward ? "[1, in_features]" : "[out_features, 1]", ", got shape ", ia3_scale.sizes());
   return ia3_scale.reshape({-1});
 }
 

@@ -32,7 +32,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
   check_like(lora_a, x, "multi_lora_linear", "lora_a", "x");
   check_like(lora_b, x, "multi_lora_linear", "lora_b", "x");
   check_bias(bias, out, x, "multi_lora_linear", "x");
-  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&scales, "scales"}, {&adapter_index, "adapter_index"}}) {
+  const std::pair<const at::Tensor*, const char*> small[] = {{&scales, "scales"}, {&adapter_index, "adapter_index"}};
+  for (const auto& [t, name] : small) {  // read on the host: x's device or the CPU
     TORCH_CHECK_VALUE(t->device() == x.device() || t->is_cpu(), "multi_lora_linear: ", name, " is on ", t->device(),
                       " but x is on ", x.device(), " (expected x's device or the CPU)");
   }
