@@ -107,7 +107,7 @@ at::Tensor dropout_lowrank_backward(const at::Tensor& x, const at::Tensor& dx, c
       if (want_da) {  // dA += u_b^T (mask o x_b); the mask drawn here serves dx too
         auto block = at::empty({rows, K}, x.options());
         mask_block<scalar_t>(d, x, n0, rows, keep.data(), block, scratch.data());
-        auto part = partials[at::get_thread_num()];
+        auto part = partials[cpu::thread_slot(partials.size(0))];
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
           part.addmm_(ub.t(), block);
         } else {

@@ -50,6 +50,10 @@ void masked_row(const acc_t* keep, const scalar_t* src, scalar_t* dst, int64_t K
   }
 }
 
+// This thread's slot among `slots` per-thread buffers allocated before a parallel_for. Called from inside another
+// parallel region, the loop runs inline on a thread whose number may exceed the slots: it has them all to itself.
+inline int64_t thread_slot(int64_t slots) { return std::min<int64_t>(at::get_thread_num(), slots - 1); }
+
 // Runs row(n, partial) for every row n of an [N, K] problem in parallel; each thread adds into its own zeroed
 // `width` accumulators, which are summed into sums[0:width] at the end (column reductions in one pass).
 template <typename acc_t, typename RowFn>
@@ -57,7 +61,7 @@ void rows_reducing(int64_t N, int64_t K, int64_t width, acc_t* sums, const RowFn
   const int nthreads = at::get_num_threads();
   std::vector<acc_t> partials(static_cast<size_t>(nthreads) * width, acc_t(0));
   at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K)), [&](int64_t begin, int64_t end) {
-    acc_t* part = partials.data() + at::get_thread_num() * width;
+    acc_t* part = partials.data() + thread_slot(nthreads) * width;
     for (int64_t n = begin; n < end; ++n) row(n, part);
   });
   for (int64_t i = 0; i < width; ++i) {
