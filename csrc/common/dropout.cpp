@@ -2,6 +2,7 @@
 #include "dropout.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty_like.h>
 
 #include "cpu/row_pass.h"
 #ifdef PEFTOPS_WITH_CUDA
@@ -48,6 +49,12 @@ void dropout_apply(const at::Tensor& src, at::Tensor& dst, const std::optional<a
       }
     });
   });
+}
+
+at::Tensor dropped(const at::Tensor& x, const std::optional<at::Tensor>& seed, double p) {
+  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  dropout_apply(x, y, seed, p, /*accumulate=*/false);
+  return y;
 }
 
 }  // namespace peftops

@@ -15,6 +15,9 @@ Dropout make_dropout(double p, const std::optional<at::Tensor>& seed, uint64_t o
 void dropout_apply(const at::Tensor& src, at::Tensor& dst, const std::optional<at::Tensor>& seed, double p,
                    bool accumulate);
 
+// mask o x / (1 - p) as a new contiguous matrix, x [rows, cols] with unit column stride (transient: never saved).
+at::Tensor dropped(const at::Tensor& x, const std::optional<at::Tensor>& seed, double p);
+
 // Rank-r products whose [N, K] input x (unit column stride) goes through dropout first (LoRA's down-projection):
 // the dropped x is never materialised on the CPU, only a cache-sized block of its rows at a time between the mask
 // and the vendor GEMM (common/dropout_lowrank.cpp); CUDA composes dropout_apply and the GEMMs.

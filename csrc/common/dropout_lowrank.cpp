@@ -6,7 +6,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
@@ -54,11 +53,7 @@ void mask_block(const Dropout& d, const at::Tensor& x, int64_t n0, int64_t rows,
 
 at::Tensor dropout_shrink(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& seed, double p) {
   check_rows(x, a, "dropout_shrink");
-  if (!x.is_cpu()) {
-    auto dropped = at::empty_like(x, at::MemoryFormat::Contiguous);
-    dropout_apply(x, dropped, seed, p, /*accumulate=*/false);
-    return at::mm(dropped, a.t());
-  }
+  if (!x.is_cpu()) return at::mm(dropped(x, seed, p), a.t());
   const Dropout d = make_dropout(p, seed);
   const int64_t N = x.size(0), K = x.size(1), B = rows_per_block(x);
   auto t = at::empty({N, a.size(0)}, x.options());
@@ -88,10 +83,7 @@ at::Tensor dropout_lowrank_backward(const at::Tensor& x, const at::Tensor& dx, c
       auto grad = dx;
       dropout_apply(at::mm(u, a), grad, seed, p, /*accumulate=*/true);
     }
-    if (!want_da) return at::Tensor();
-    auto dropped = at::empty_like(x, at::MemoryFormat::Contiguous);
-    dropout_apply(x, dropped, seed, p, /*accumulate=*/false);
-    return at::mm(u.t(), dropped);
+    return want_da ? at::mm(u.t(), dropped(x, seed, p)) : at::Tensor();
   }
   const Dropout d = make_dropout(p, seed);
   const int64_t N = x.size(0), K = x.size(1), r = a.size(0), B = rows_per_block(x);

@@ -4,7 +4,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "../common/cpu/row_pass.h"
@@ -35,10 +34,7 @@ static at::Tensor dropout_keep_mask_cpu(c10::IntArrayRef size, double p, const a
 // regenerates, for compositions that need the dropped input itself (transiently, never saved).
 static at::Tensor dropout(const at::Tensor& x, double p, const at::Tensor& seed) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout: p must be in [0, 1), got ", p);
-  const auto x2 = x.contiguous().view({-1, x.dim() ? x.size(-1) : 1});
-  auto y = at::empty_like(x2, at::MemoryFormat::Contiguous);
-  dropout_apply(x2, y, seed, p, /*accumulate=*/false);
-  return y.view(x.sizes());
+  return dropped(x.contiguous().view({-1, x.dim() ? x.size(-1) : 1}), seed, p).view(x.sizes());
 }
 
 TORCH_LIBRARY_FRAGMENT(peftops, m) {

@@ -243,13 +243,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
   // Both segments' probabilities are recomputed as exp(z - lse) with the merged lse, and D = rowsum(dO o O) with the
   // merged output: each segment's backward then yields exactly its share of the gradients.
   Tensor dq, dpk, dpv, delta;
+  const auto qa = flash ? Tensor() : q.to(acc), doa = flash ? Tensor() : grad_out.to(acc);  // the dense path's
   if (flash) {  // ATen's flash backward over the stride-0 prefix view; the per-row prefix gradients summed after
     auto [dq_p, dpk_b, dpv_b] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, q, batch_view(pk, s), batch_view(pv, s), out, lse, 0.0, false, std::nullopt, s.scale);
     dq = dq_p.to(acc);
     dpk = per_row ? dpk_b : dpk_b.sum(0, false, acc), dpv = per_row ? dpv_b : dpv_b.sum(0, false, acc);
   } else {  // dz = p o (dO V_P^T - D) (scaled), the prefix gradients reduced over the batch inside the GEMMs
-    const auto qa = q.to(acc), doa = grad_out.to(acc);
     delta = at::mul(doa, out.to(acc)).sum(-1, true);
     const auto pk_q = per_query_head(pk.to(acc), s), pv_q = per_query_head(pv.to(acc), s);
     const auto p = head_gemm(qa, pk_q.transpose(-1, -2), s, s.scale).sub_(lse.unsqueeze(-1)).exp_();
@@ -273,7 +273,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
     dq.add_(dq_s);
     dk = dk_s, dv = dv_s;
   } else {
-    const auto qg = grouped(q.to(acc).contiguous(), s), dog = grouped(grad_out.to(acc).contiguous(), s);
+    const auto qg = grouped(qa.contiguous(), s), dog = grouped(doa.contiguous(), s);
     const auto vis = grouped_rows(visible, s);
     const auto lse_g = lse.view({s.B, s.Hkv, s.G * s.L}), delta_g = delta.view({s.B, s.Hkv, s.G * s.L, 1});
     auto zs = at::matmul(qg, k.to(acc).transpose(-1, -2)).mul_(s.scale);
