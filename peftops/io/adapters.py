@@ -1,6 +1,4 @@
 """save_adapter / load_adapter: pick the file format from how the model is patched."""
-from torch import nn
-
 from ..patch import adapter, backend
 from ..patch.bitfit import BitFitState
 from ..patch.bottleneck import BottleneckState
@@ -14,8 +12,7 @@ from .prefix_format import load_prefix, save_prefix
 def save_adapter(model, path: str):
     """Write only the trainable technique parameters: LoRA / IA3 in peft's format (backend mode: peft's own
     save_pretrained), BitFit and bottleneck adapters in peftops' own format."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"save_adapter: model must be a torch.nn.Module, got {type(model).__name__}")
+    adapter.check_model("save_adapter", model)
     if backend.is_peft_model(model):
         model.save_pretrained(path)
         return
@@ -35,8 +32,7 @@ def save_adapter(model, path: str):
 def load_adapter(model, path: str):
     """Load an adapter saved by peftops (or peft, for LoRA / IA3 / prefix tuning) onto a model patched with the
     same config."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"load_adapter: model must be a torch.nn.Module, got {type(model).__name__}")
+    adapter.check_model("load_adapter", model)
     if backend.is_peft_model(model):
         return load_into_peft(model, path)
     state = adapter.get_state(model)

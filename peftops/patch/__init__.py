@@ -4,11 +4,6 @@ from torch import nn
 from ..config import AdapterConfig, BitFitConfig, IA3Config, LoraConfig, PrefixConfig
 from . import adapter, backend, bitfit, bottleneck, prefix
 
-def _check_model(fn: str, model) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
-
-
 _PATCHERS = {LoraConfig: adapter.patch_lora, IA3Config: adapter.patch_ia3, BitFitConfig: bitfit.patch_bitfit,
              AdapterConfig: bottleneck.patch_adapter, PrefixConfig: prefix.patch_prefix}
 
@@ -16,7 +11,7 @@ _PATCHERS = {LoraConfig: adapter.patch_lora, IA3Config: adapter.patch_ia3, BitFi
 def patch(model: nn.Module, config=None, *, adapter_name: str = "default") -> nn.Module:
     """Adapter mode with a config (peftops layers in place, base frozen); backend mode without one on a peft model
     (peft's LoRA or IA3 layers compute through peftops kernels). Returns the same object."""
-    _check_model("patch", model)
+    adapter.check_model("patch", model)
     if config is None:
         return backend.patch_peft(model)
     if type(config) not in _PATCHERS:
@@ -30,7 +25,7 @@ def patch(model: nn.Module, config=None, *, adapter_name: str = "default") -> nn
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Back to the original modules (or peft's forwards) and requires_grad flags."""
-    _check_model("unpatch", model)
+    adapter.check_model("unpatch", model)
     state = adapter.get_state(model)
     if isinstance(state, bitfit.BitFitState):
         return bitfit.unpatch_bitfit(model)
@@ -49,7 +44,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold the adapters into the base weights and remove their layers. Adapter mode returns the same model with
     its original modules and requires_grad flags; on a peft model, returns peft's `merge_and_unload()`. BitFit has
     nothing to fold (its trained biases are the model's own): merge unpatches it, keeping the biases."""
-    _check_model("merge", model)
+    adapter.check_model("merge", model)
     state = adapter.get_state(model)
     if isinstance(state, bitfit.BitFitState):
         return bitfit.unpatch_bitfit(model)
@@ -69,6 +64,6 @@ def merge(model: nn.Module) -> nn.Module:
 
 def trainable_parameters(model: nn.Module) -> tuple:
     """(trainable, total) parameter element counts; shared (tied) parameters count once."""
-    _check_model("trainable_parameters", model)
+    adapter.check_model("trainable_parameters", model)
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -31,6 +31,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def check_model(fn: str, model) -> None:
+    """A TypeError naming `fn` unless `model` is an nn.Module (before any of its attributes is read)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def check_unpatched(model: nn.Module):
     """Refuse a model that peftops already patched or that holds peftops layers: patching again would stack."""
     state = get_state(model)
