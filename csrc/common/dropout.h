@@ -18,7 +18,7 @@ void dropout_apply(const at::Tensor& src, at::Tensor& dst, const std::optional<a
 // mask o x / (1 - p) as a new contiguous matrix, x [rows, cols] with unit column stride (transient: never saved).
 at::Tensor dropped(const at::Tensor& x, const std::optional<at::Tensor>& seed, double p);
 
-// Rank-r products whose [N, K] input x (unit column stride) goes through dropout first (LoRA's down-projection):
+// Rank-r products whose [N, K] input x (any strides) goes through dropout first (LoRA's down-projection):
 // the dropped x is never materialised on the CPU, only a cache-sized block of its rows at a time between the mask
 // and the vendor GEMM (common/dropout_lowrank.cpp); CUDA composes dropout_apply and the GEMMs.
 //   dropout_shrink:           (mask o x / (1 - p)) a^T  [N, r], a [r, K];

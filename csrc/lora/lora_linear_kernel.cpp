@@ -25,8 +25,6 @@ namespace {
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
-
 bool dropout_on(double dropout_p, const std::optional<at::Tensor>& seed) { return dropout_p > 0.0 && has(seed); }
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_forward_kernel(const at::Tensor& x, const at::Tensor& weight,
@@ -40,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_kernel(const at::Tensor& 
   auto out_shape = x.sizes().vec();
   out_shape.back() = weight.size(0);
   auto y = has(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-  const auto t = dropout_on(dropout_p, seed) ? dropout_shrink(unit_column_stride(x2), lora_a, seed, dropout_p)
+  const auto t = dropout_on(dropout_p, seed) ? dropout_shrink(x2, lora_a, seed, dropout_p)
                                              : at::mm(x2, lora_a.t());
   y.addmm_(t, lora_b.t(), 1.0, scale);  // the up-projection added into the output in place
   return {y.view(out_shape), t.to(at::toOpMathType(x.scalar_type()))};
@@ -70,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_
     if (!dropout) dx.addmm_(u, lora_a);
   }
   if (dropout && (need_x || need_a)) {  // the mask regenerated once for dx += mask o (u A) and dA, never stored
-    auto d = dropout_lowrank_backward(unit_column_stride(x2), need_x ? dx : at::Tensor(), u, lora_a, seed,
+    auto d = dropout_lowrank_backward(x2, need_x ? dx : at::Tensor(), u, lora_a, seed,
                                       dropout_p, need_a);
     if (need_a) da = d;
   } else if (need_a) {

@@ -28,23 +28,30 @@ void row_keep(const Dropout& d, int64_t row, int64_t cols, acc_t* keep) {
   for (int64_t k = 0; k < cols; ++k) keep[k] = mine[k] >= d.threshold ? scale : acc_t(0);
 }
 
-// dst[0:K] = keep o src, plus dst itself when accumulating, in the accumulation type (scratch: 2 K values).
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void masked_row(const acc_t* keep, const scalar_t* src, scalar_t* dst, int64_t K, bool accumulate, acc_t* scratch) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {  // no conversions: one loop the compiler vectorises
+// dst[0:K] = keep o src, plus dst itself when accumulating, in the accumulation type (scratch: 2 K values). src and
+// dst may differ in type (16-bit rows into float blocks and back); with no conversions it is one vectorised loop.
+template <typename src_t, typename dst_t, typename acc_t>
+void masked_row(const acc_t* keep, const src_t* src, dst_t* dst, int64_t K, bool accumulate, acc_t* scratch) {
+  const acc_t* in = nullptr;
+  if constexpr (std::is_same_v<src_t, acc_t>) {
+    in = src;
+  } else {
+    at::vec::convert(src, scratch, K);
+    in = scratch;
+  }
+  if constexpr (std::is_same_v<dst_t, acc_t>) {
     if (accumulate) {
-      for (int64_t k = 0; k < K; ++k) dst[k] += keep[k] * src[k];
+      for (int64_t k = 0; k < K; ++k) dst[k] += keep[k] * in[k];
     } else {
-      for (int64_t k = 0; k < K; ++k) dst[k] = keep[k] * src[k];
+      for (int64_t k = 0; k < K; ++k) dst[k] = keep[k] * in[k];
     }
   } else {
-    acc_t *row = scratch, *base = scratch + K;
-    at::vec::convert(src, row, K);
+    acc_t* row = scratch + K;
     if (accumulate) {
-      at::vec::convert(dst, base, K);
-      for (int64_t k = 0; k < K; ++k) row[k] = base[k] + keep[k] * row[k];
+      at::vec::convert(dst, row, K);
+      for (int64_t k = 0; k < K; ++k) row[k] += keep[k] * in[k];
     } else {
-      for (int64_t k = 0; k < K; ++k) row[k] *= keep[k];
+      for (int64_t k = 0; k < K; ++k) row[k] = keep[k] * in[k];
     }
     at::vec::convert(row, dst, K);
   }
