@@ -170,3 +170,36 @@ def test_backend_mode_delegates_to_peft(tmp_path):
     with pytest.raises(ValueError, match="wrong shapes"):
         peftops.load_adapter(small, str(tmp_path / "a"))
     assert all(torch.equal(v, before[k]) for k, v in small.state_dict().items())
+
+
+@pytest.mark.parametrize("cls", ["BertForSequenceClassification", "LlamaForSequenceClassification"])
+def test_peft_classification_file_with_its_head_loads(tmp_path, cls):
+    # peft's SEQ_CLS files carry the trained classification head (its modules_to_save) next to the LoRA weights:
+    # load_adapter takes it into the model's head, so the logits are peft's.
+    import transformers
+    config = (transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=48, num_labels=3) if cls.startswith("Bert") else
+              transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0))
+
+    def build():
+        torch.manual_seed(0)
+        return getattr(transformers, cls)(copy.deepcopy(config)).eval()
+
+    targets = ["query", "value"] if cls.startswith("Bert") else ["q_proj", "v_proj"]
+    ref = peft.get_peft_model(build(), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                       target_modules=targets))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.requires_grad:  # the LoRA weights and the head's trainable copy
+                p.normal_(0, 0.5)
+    ref.save_pretrained(tmp_path)
+    ours = peftops.patch(build(), LoraConfig(r=4, alpha=8, target_modules=targets))
+    peftops.load_adapter(ours, tmp_path)
+    ids = input_ids(vocab=100)
+    assert_close(ours(input_ids=ids).logits, ref.eval()(input_ids=ids).logits, what="logits")
+    head = "classifier" if cls.startswith("Bert") else "score"
+    config.num_labels = 2
+    narrower = peftops.patch(build(), LoraConfig(r=4, alpha=8, target_modules=targets))
+    with pytest.raises(ValueError, match="wrong shapes.*" + head):  # a head of another width is named, not loaded
+        peftops.load_adapter(narrower, tmp_path)

@@ -171,3 +171,80 @@ def test_model_functions_need_a_module(fn, tmp_path):
             "load_adapter": (None, str(tmp_path))}.get(fn, (None,))
     with pytest.raises(TypeError, match=f"{fn}: model must be a torch.nn.Module"):
         getattr(peftops, fn)(*args)
+
+
+def _prefix_reference(q, k, v, pk, pv, is_causal):
+    """Softmax over the materialised concatenation, masked with masked_fill as SDPA's math path (a hidden NaN score
+    is hidden)."""
+    L, S, P = q.shape[2], k.shape[2], pk.shape[1]
+    keys, values = (torch.cat([p.expand(q.shape[0], -1, -1, -1), t], 2) for p, t in ((pk, k), (pv, v)))
+    z = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if is_causal:
+        visible = torch.cat([torch.ones(L, P, dtype=torch.bool), torch.ones(L, S, dtype=torch.bool).tril(S - L)], 1)
+        z = z.masked_fill(~visible, float("-inf"))
+    return z.softmax(-1) @ values
+
+
+@pytest.mark.parametrize("dense", ["0", "1"])
+@pytest.mark.parametrize("where,L,S,P,causal", [("q", 2, 3, 2, False), ("prefix_k", 2, 3, 1, False),
+                                                ("k", 2, 1, 2, False), ("k", 2, 1, 2, True), ("k", 3, 4, 2, True),
+                                                ("v", 2, 3, 2, False)])
+def test_prefix_attention_propagates_nan_as_softmax(monkeypatch, dense, where, L, S, P, causal):
+    # ATen's CPU flash kernel takes a row of NaN scores for a fully masked one (output 0); softmax gives NaN. Keys
+    # that a row cannot see (causal) leave it alone.
+    monkeypatch.setenv("PEFTOPS_PREFIX_DENSE", dense)
+    g = torch.Generator().manual_seed(L * 100 + S * 10 + P)
+    t = {"q": torch.randn(1, 1, L, 16, generator=g), "k": torch.randn(1, 1, S, 16, generator=g),
+         "v": torch.randn(1, 1, S, 16, generator=g), "prefix_k": torch.randn(1, P, 16, generator=g),
+         "prefix_v": torch.randn(1, P, 16, generator=g)}
+    index = (0, 0, 0) if where == "prefix_k" else (0, 0, 0, 0)
+    t[where][index] = float("nan")
+    out = ops.prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], is_causal=causal)
+    expected = _prefix_reference(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], causal)
+    assert expected.isnan().any()
+    torch.testing.assert_close(out, expected, equal_nan=True)
+
+
+def test_lora_linear_under_autocast_takes_float32_adapters_over_a_bfloat16_base():
+    # As F.linear: autocast casts the operands (here a bf16 base with fp32 adapters and bias, peft's layout).
+    x, w, b, a, bb = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5), torch.randn(2, 8), torch.randn(5, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.lora_linear(x.bfloat16(), w.bfloat16(), b, a, bb, 0.5)
+    assert y.dtype == torch.bfloat16
+    expected = x @ w.T + b + 0.5 * x @ a.T @ bb.T
+    torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.1)
+    with pytest.raises(TypeError, match="weight has dtype"):  # outside autocast the dtypes must agree
+        ops.lora_linear(x.bfloat16(), w, b, a, bb, 0.5)
+
+
+_X, _W = torch.randn(3, 4), torch.randn(5, 4)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda v: ops.lora_linear(_X, _W, None, torch.randn(2, 4), torch.randn(5, 2), v), "lora_linear: scale"),
+    (lambda v: ops.lora_linear(_X, _W, None, torch.randn(2, 4), torch.randn(5, 2), 1.0, v), "lora_linear: dropout_p"),
+    (lambda v: ops.dora_linear(_X, _W, None, torch.randn(2, 4), torch.randn(5, 2), torch.ones(5), v),
+     "dora_linear: scale"),
+    (lambda v: ops.bias_dropout_add(_X, torch.randn(4), _X, v), "bias_dropout_add: p"),
+    (lambda v: ops.adapter_bottleneck(_X, torch.randn(2, 4), None, torch.randn(4, 2), None, scale=v),
+     "adapter_bottleneck: scale"),
+    (lambda v: ops.prefix_attention(*(torch.randn(1, 1, 2, 4),) * 3, *(torch.randn(1, 1, 4),) * 2, scale=v),
+     "prefix_attention: scale")])
+@pytest.mark.parametrize("value,error", [(None, TypeError), ("0.5", TypeError), (torch.ones(2), ValueError),
+                                         (torch.tensor(0.5, requires_grad=True), ValueError)])
+def test_number_arguments_are_named(call, error, match, value):
+    if value is None and "prefix_attention" in match:
+        return  # scale=None is prefix_attention's default (1 / sqrt(D))
+    with pytest.raises(error, match=match):
+        call(value)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ops.lora_linear(_X, _W, None, torch.randn(2, 4), torch.randn(5, 2), 1.0, training=None),
+     "lora_linear: training"),
+    (lambda: ops.prefix_attention(*(torch.randn(1, 1, 2, 4),) * 3, *(torch.randn(1, 1, 4),) * 2, is_causal=None),
+     "prefix_attention: is_causal"),
+    (lambda: ops.ia3_linear(_X, _W, None, torch.ones(5), feedforward=1), "ia3_linear: feedforward")])
+def test_flags_must_be_bools(call, match):
+    with pytest.raises(TypeError, match=match):
+        call()

@@ -108,6 +108,51 @@ def test_any_model_by_module_name():
     assert peftops.trainable_parameters(model) == (2 * (6 + 8) + 2 * (8 + 3), 6 * 8 + 8 + 8 * 3 + 3 + 50)
 
 
+@pytest.mark.parametrize("technique", ["lora", "ia3"])
+def test_torch_transformer_encoder(technique):
+    # torch's TransformerEncoderLayer reads linear1.weight / linear2.bias itself (its inference fast path): the wrapped
+    # layers expose the base layer's, as peft's do, and that fast path (and the encoder's nested-tensor one for padded
+    # batches) must not bypass the adapter. nn.MultiheadAttention never calls its out_proj (it reads the weight), so
+    # adapting it would do nothing: a clear error, and "all-linear" leaves it out.
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2)
+    x, pad = torch.randn(2, 5, 16), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    config = (LoraConfig(r=2, target_modules=["linear1", "linear2"]) if technique == "lora" else
+              peftops.IA3Config(target_modules=["linear1", "linear2"], feedforward_modules=["linear2"]))
+    peftops.patch(model, config)
+    layer = model.layers[0].linear1
+    assert layer.weight is layer.base_layer.weight and layer.bias is layer.base_layer.bias
+    assert (layer.in_features, layer.out_features) == (16, 32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_()
+    expected = model.train()(x), model(x, src_key_padding_mask=pad)  # the training path: no fast path
+    with torch.no_grad():
+        got = model.eval()(x), model(x, src_key_padding_mask=pad)
+    assert_close(got[0], expected[0], what="eval")
+    assert_close(got[1][:, :3], expected[1][:, :3], what="eval, padded")
+    peftops.unpatch(model)
+    assert model.use_nested_tensor and not model.layers[0].linear1._forward_pre_hooks
+    with pytest.raises(ValueError, match="out_proj"):
+        peftops.patch(nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1),
+                      LoraConfig(r=2, target_modules=["out_proj"]))
+    model = peftops.patch(nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1),
+                          LoraConfig(r=2, target_modules="all-linear"))
+    assert {n for n, m in model.named_modules() if isinstance(m, LoraLinear)} == {"layers.0.linear1",
+                                                                                   "layers.0.linear2"}
+
+
+@pytest.mark.parametrize("field,value", [("r", 0), ("bias", "bogus"), ("dropout", 1.0)])
+def test_config_changed_after_construction_is_validated_again(field, value):
+    config = LoraConfig()
+    setattr(config, field, value)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=field):
+        peftops.patch(model, config)
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+
+
 def test_trainable_parameters():
     model = tiny_llama()
     total = sum(p.numel() for p in model.parameters())

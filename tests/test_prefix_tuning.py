@@ -206,7 +206,8 @@ def test_projection_model_refuses_a_prefix_file(tmp_path):
 
 
 def test_bert_matches_attention_over_the_concatenated_prefix():
-    # BERT (bidirectional, no position shift): the same layers computed with the prefix as explicit extra keys.
+    # BERT (bidirectional): the same layers computed with the prefix as explicit extra keys (positions shifted by P
+    # in both, as peft's; test_bert_matches_peft checks that against peft itself).
     # Through the attention registry in transformers 5, by replacing the self-attention forwards in 4.x.
     model = tiny_bert()
     am = mask("right")
@@ -233,6 +234,58 @@ def test_bert_matches_attention_over_the_concatenated_prefix():
     peftops.unpatch(model)
     assert not any("forward" in model.get_submodule(n).__dict__ for n in st.attention_names)
     assert torch.equal(model(input_ids=IDS, attention_mask=am).last_hidden_state, before)
+
+
+@pytest.mark.parametrize("pad", [None, "right"])
+def test_bert_matches_peft(pad, tmp_path):
+    # peft's prefix sits in BERT's cache, so BERT numbers the tokens after it (positions P .. P + L - 1), as a causal
+    # LM does; its file, saved from a BertModel (FEATURE_EXTRACTION), loads into ours and back with the same output.
+    ref = peft.get_peft_model(tiny_bert(), peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION",
+                                                                   num_virtual_tokens=P)).eval()
+    with torch.no_grad():
+        ref.prompt_encoder["default"].embedding.weight.normal_()
+    ref.save_pretrained(tmp_path / "peft")
+    ours = peftops.load_adapter(peftops.patch(tiny_bert(), peftops.PrefixConfig(P)), tmp_path / "peft").eval()
+    am = mask(pad)
+    expected = ref(input_ids=IDS, attention_mask=am).last_hidden_state
+    assert_close(ours(input_ids=IDS, attention_mask=am).last_hidden_state, expected, what="hidden states")
+    peftops.save_adapter(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours").eval()
+    assert_close(back(input_ids=IDS, attention_mask=am).last_hidden_state, expected, what="reloaded in peft")
+
+
+@pytest.mark.parametrize("cls", ["LlamaModel", "LlamaForSequenceClassification", "GPT2Model",
+                                 "BertForSequenceClassification"])
+def test_files_saved_from_other_model_classes_load_in_peft(cls, tmp_path):
+    # peft applies a prefix only through the PeftModel subclass of the file's task type (a plain PeftModel ignores
+    # it), so the task type written must fit the model class.
+    import transformers
+    source = {"Llama": tiny_llama, "GPT2": tiny_gpt2, "Bert": tiny_bert}[cls.split("Model")[0].split("For")[0]]()
+    config = copy.deepcopy(source.config)
+    config.pad_token_id = 0
+
+    def build():
+        torch.manual_seed(5)
+        return getattr(transformers, cls)(copy.deepcopy(config)).eval()
+
+    ours = peftops.patch(build(), peftops.PrefixConfig(P))
+    with torch.no_grad():
+        for t in pf.prefixes(ours, state(ours)):
+            for x in t:
+                x.normal_()
+    peftops.save_adapter(ours, tmp_path)
+    am = mask("right")
+    try:
+        loaded = peft.PeftModel.from_pretrained(build(), tmp_path).eval()
+        loaded(input_ids=IDS, attention_mask=am)
+    except ValueError as e:  # peft's SEQ_CLS prefix tuning needs `past_key_values` in the backbone's signature
+        if "does not support past key values" not in str(e):
+            raise
+        pytest.skip(f"peft itself cannot run prefix tuning on {cls} with this transformers: {e}")
+    out, expected = ours(input_ids=IDS, attention_mask=am), loaded(input_ids=IDS, attention_mask=am)
+    key = "logits" if "logits" in out else "last_hidden_state"
+    assert_close(out[key], expected[key], what=key)
+    assert not torch.allclose(out[key], build()(input_ids=IDS, attention_mask=am)[key], atol=1e-4)
 
 
 def test_mask_that_is_not_padding_is_refused():

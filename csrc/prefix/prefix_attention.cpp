@@ -18,6 +18,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/exp.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/logaddexp.h>
 #include <ATen/ops/logsumexp.h>
 #include <ATen/ops/matmul.h>
@@ -115,17 +116,24 @@ Tensor additive(const Tensor& visible, const Tensor& like) {
 }
 
 // Whether both segments run on ATen's CPU flash kernel (else the dense path, which CUDA runs; PEFTOPS_PREFIX_DENSE=1
-// forces it on the CPU too, so that the CPU tests exercise the code the GPU runs).
-bool use_flash(const Tensor& q) {  // not for empty queries, which ATen's CPU flash kernel divides by
+// forces it on the CPU too, so that the CPU tests exercise the code the GPU runs). Not for empty queries, which the
+// flash kernel divides by, nor for a NaN or an infinity in q or the keys: the flash kernel takes a row of NaN scores
+// for a fully masked one (output 0), where softmax gives NaN; the dense path propagates them as softmax does. One
+// reduction each over q and the keys finds them.
+bool use_flash(const Tensor& q, const Tensor& k, const Tensor& pk) {
   const char* dense = std::getenv("PEFTOPS_PREFIX_DENSE");
-  return q.is_cpu() && q.numel() > 0 && !(dense && dense[0] == '1');
+  if (!q.is_cpu() || q.numel() == 0 || (dense && dense[0] == '1')) return false;
+  for (const Tensor* t : {&q, &k, &pk}) {
+    if (t->numel() > 0 && !at::isfinite(t->sum()).item<bool>()) return false;
+  }
+  return true;
 }
 
 // Flash attention's own causal mode (top-left aligned) equals ours (aligned to the end) when L == S; it skips the
 // masked blocks instead of reading a dense mask. Usable when that is the only masking. CPU only: elsewhere the
 // dense path masks explicitly.
-bool flash_causal(const Tensor& q, const Shapes& s, const OptTensor& attn_mask, bool is_causal) {
-  return use_flash(q) && is_causal && !has(attn_mask) && s.L == s.S;
+bool flash_causal(bool flash, const Shapes& s, const OptTensor& attn_mask, bool is_causal) {
+  return flash && is_causal && !has(attn_mask) && s.L == s.S;
 }
 
 // The shared prefix as a [B, Hkv, P, D] view with batch stride 0: every row reads the same memory, nothing is copied.
@@ -180,10 +188,10 @@ Tensor head_reduce(const Tensor& a, const Tensor& c, const Shapes& s, bool per_r
 // ATen's flash kernel reads q, k, v in place, each kv head once for its G query heads (grouped-query attention
 // natively, causal blocks skipped); elsewhere the grouped rows against the keys with a transient [GL, S] matrix.
 std::tuple<Tensor, Tensor> sequence_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& visible,
-                                              bool causal, const Shapes& s) {
+                                              bool flash, bool causal, const Shapes& s) {
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor o, lse;
-  if (use_flash(q) && s.S > 0) {
+  if (flash && s.S > 0) {
     const auto bias = additive(visible, q);
     std::tie(o, lse) = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
                                                                        bias.defined() ? OptTensor(bias) : std::nullopt,
@@ -192,9 +200,9 @@ std::tuple<Tensor, Tensor> sequence_attention(const Tensor& q, const Tensor& k, 
     if (visible.defined()) lse.masked_fill_(visible.any(-1).logical_not(), -kInf);  // [B, 1, L] over the heads
     return {o, lse};
   }
-  const auto qg = grouped(q.contiguous(), s), vis = grouped_rows(visible, s), bias = additive(vis, q);
+  const auto qg = grouped(q.contiguous(), s), vis = grouped_rows(visible, s);
   auto z = at::matmul(qg.to(acc), k.to(acc).transpose(-1, -2)).mul_(s.scale);
-  if (bias.defined()) z.add_(bias.to(acc));
+  if (vis.defined()) z.masked_fill_(vis.logical_not(), -kInf);  // a hidden NaN score is hidden, as in softmax
   lse = at::logsumexp(z, {-1});
   o = at::matmul(at::exp(z.sub_(lse.unsqueeze(-1))).nan_to_num_(0.0), v.to(acc)).to(q.scalar_type());
   if (vis.defined()) lse.masked_fill_(vis.any(-1).logical_not(), -kInf);
@@ -207,9 +215,10 @@ std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tenso
   check_inputs(q, k, v, pk, pv, attn_mask, scale);
   const auto s = shapes(q, k, pk, scale);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const bool flash = use_flash(q, k, pk);
   // prefix segment: every key visible
   Tensor o_p, lse_p;
-  if (use_flash(q)) {  // the flash kernel over the stride-0 batch view of the prefix: no [L, P] matrix formed
+  if (flash) {  // the flash kernel over the stride-0 batch view of the prefix: no [L, P] matrix formed
     std::tie(o_p, lse_p) = at::_scaled_dot_product_flash_attention_for_cpu(q, batch_view(pk, s), batch_view(pv, s), 0.0,
                                                                            false, std::nullopt, s.scale);
     lse_p = lse_p.to(acc);
@@ -218,9 +227,9 @@ std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tenso
     lse_p = at::logsumexp(p, {-1});
     o_p = head_gemm(p.sub_(lse_p.unsqueeze(-1)).exp_(), per_query_head(pv.to(acc), s), s);
   }
-  const bool causal = flash_causal(q, s, attn_mask, is_causal);
+  const bool causal = flash_causal(flash, s, attn_mask, is_causal);
   const auto visible = causal ? Tensor() : visible_keys(s, attn_mask, is_causal, q);
-  const auto [o_s, lse_s] = sequence_attention(q, k, v, visible, causal, s);
+  const auto [o_s, lse_s] = sequence_attention(q, k, v, visible, flash, causal, s);
   // merge by log-sum-exp; a segment with no visible key has lse = -inf and weight 0. The output is laid out as
   // [B, L, Hq, D] in memory, as SDPA's, so that attention's transpose back to [B, L, Hq * D] is free.
   const auto lse = at::logaddexp(lse_p, lse_s);
@@ -239,7 +248,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
     const Tensor& out, const Tensor& lse, const OptTensor& attn_mask, bool is_causal, std::optional<double> scale) {
   const auto s = shapes(q, k, pk, scale);
   const auto acc = lse.scalar_type();
-  const bool per_row = pk.dim() == 4, flash = use_flash(q);
+  const bool per_row = pk.dim() == 4, flash = use_flash(q, k, pk);  // the forward's path: same inputs
   // Both segments' probabilities are recomputed as exp(z - lse) with the merged lse, and D = rowsum(dO o O) with the
   // merged output: each segment's backward then yields exactly its share of the gradients.
   Tensor dq, dpk, dpv, delta;
@@ -259,7 +268,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
     dq = head_gemm(dz, pk_q, s, s.scale);  // [B, Hq, L, D], contiguous
   }
   // sequence segment
-  const bool causal = flash_causal(q, s, attn_mask, is_causal);
+  const bool causal = flash_causal(flash, s, attn_mask, is_causal);
   const auto visible = causal ? Tensor() : visible_keys(s, attn_mask, is_causal, q);
   Tensor dk, dv;
   if (s.S == 0) {

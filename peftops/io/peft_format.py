@@ -132,6 +132,39 @@ def _peft_config_dict(model, state) -> dict:
             **technique.config_fields(model, state)}
 
 
+# Classification heads: for these task types peft trains the head as a whole module (its modules_to_save) and its
+# files carry it next to the adapter, under `<format prefix><head>.<parameter>`; peft needs it to load such a file.
+_HEAD_TASKS = (("ForSequenceClassification", "SEQ_CLS", ("classifier", "score")),
+               ("ForTokenClassification", "TOKEN_CLS", ("classifier", "score")),
+               ("ForQuestionAnswering", "QUESTION_ANS", ("qa_outputs",)))
+
+
+def head_task(model) -> tuple:
+    """(peft's task type, the head modules' names) of a model with a classification head, else (None, [])."""
+    for suffix, task, heads in _HEAD_TASKS:
+        if type(model).__name__.endswith(suffix):
+            return task, [h for h in heads if isinstance(getattr(model, h, None), torch.nn.Module)]
+    return None, []
+
+
+def head_tensors(model, prefix: str) -> dict:
+    """File key -> live parameter of the model's classification head (peft's key layout under `prefix`)."""
+    return {f"{prefix}{h}.{n}": p for h in head_task(model)[1] for n, p in getattr(model, h).named_parameters()}
+
+
+def read_checked(path: str, expected: dict, heads: dict) -> dict:
+    """An adapter file's tensors, checked to be exactly `expected` (file key -> a tensor of the right shape) plus,
+    optionally, the classification head that a peft file of a classification model carries (`heads`: file key ->
+    live parameter), which is copied in after every check; the caller copies the rest. A mismatch changes nothing."""
+    loaded = read_weights(path)
+    with_head = {**expected, **heads} if any(k in loaded for k in heads) else expected
+    check_tensors(path, with_head, loaded)
+    with torch.no_grad():
+        for key in with_head.keys() & heads.keys():
+            heads[key].copy_(loaded[key])
+    return loaded
+
+
 def read_weights(path: str) -> dict:
     """The tensors of an adapter folder: safetensors, or a legacy .bin read only as plain data (weights_only)."""
     st, legacy = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, BIN_NAME)
@@ -196,8 +229,7 @@ def load_peft_format(model, state, path: str):
     technique = _TECHNIQUES[type(state.config)]
     _check_config(path, technique, technique.expected(model, state))
     expected = adapter_tensors(model, state)
-    loaded = read_weights(path)
-    check_tensors(path, expected, loaded)
+    loaded = read_checked(path, expected, head_tensors(model, _PREFIX))
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(loaded[key])

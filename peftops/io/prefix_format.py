@@ -1,6 +1,6 @@
 """Prefix-tuning adapter files in peft's format: `adapter_config.json` (a peft PrefixTuningConfig) and
-`adapter_model.safetensors` holding one tensor, `prompt_embeddings` [P, layers * 2 * Hkv * D] (peft's layout, see
-peftops.patch.prefix). With `prefix_projection` peft saves the MLP's output, not the MLP, and so do we: such a file
+`adapter_model.safetensors` holding `prompt_embeddings` [P, layers * 2 * Hkv * D] (peft's layout, see
+peftops.patch.prefix) and, for a classification model, its head (peft's modules_to_save, which peft needs there). With `prefix_projection` peft saves the MLP's output, not the MLP, and so do we: such a file
 loads onto a model patched without projection (as peft loads it in inference mode)."""
 import json
 import os
@@ -8,14 +8,19 @@ import os
 import torch
 
 from ..patch import prefix
-from .peft_format import CONFIG_NAME, check_tensors, read_weights, write_weights
+from .peft_format import CONFIG_NAME, head_task, head_tensors, read_checked, write_weights
 
 KEY = "prompt_embeddings"
+_PREFIX = "base_model."  # peft's key prefix of a prompt-learning model's own modules (its classification head)
 
 
 def _task_type(model):
-    name = type(model).__name__
-    return "CAUSAL_LM" if name.endswith(("ForCausalLM", "LMHeadModel")) else None
+    """peft's task type: peft builds the PeftModel subclass from it, and a plain PeftModel (no task type) ignores a
+    prefix. A classification model's task also makes peft expect its head in the file; any other model that takes
+    `past_key_values` (a bare transformer) is FEATURE_EXTRACTION."""
+    if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    return head_task(model)[0] or "FEATURE_EXTRACTION"
 
 
 def _fields(model, state) -> dict:
@@ -28,11 +33,11 @@ def _fields(model, state) -> dict:
 def save_prefix(model, state, path: str):
     with torch.no_grad():
         embeddings = prefix.to_peft_layout(prefix.prefixes(model, state))
-    write_weights(path, {KEY: embeddings})
+    write_weights(path, {KEY: embeddings, **head_tensors(model, _PREFIX)})
     cfg = state.config
     config = {"peft_type": "PREFIX_TUNING", "task_type": _task_type(model), "inference_mode": True,
               "base_model_name_or_path": getattr(model.config, "name_or_path", None) or None, "revision": None,
-              "modules_to_save": None, "prefix_projection": cfg.prefix_projection,
+              "modules_to_save": head_task(model)[1] or None, "prefix_projection": cfg.prefix_projection,
               "encoder_hidden_size": cfg.encoder_hidden_size or state.token_dim, **_fields(model, state)}
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
@@ -54,9 +59,9 @@ def load_prefix(model, state, path: str):
     if state.config.prefix_projection:
         raise ValueError("a prefix-tuning file holds the prefixes, not the projection MLP that made them (as in peft): "
                          "patch with PrefixConfig(prefix_projection=False) to load it")
-    loaded = read_weights(path)
     P, layers = state.config.num_virtual_tokens, len(state.attention_names)
-    check_tensors(path, {KEY: torch.empty(P, layers * 2 * state.token_dim, device="meta")}, loaded)
+    loaded = read_checked(path, {KEY: torch.empty(P, layers * 2 * state.token_dim, device="meta")},
+                          head_tensors(model, _PREFIX))
     values = prefix.from_peft_layout(loaded[KEY], layers, state.num_kv_heads)
     with torch.no_grad():
         for (k, v), (lk, lv) in zip(prefix.prefixes(model, state), values):

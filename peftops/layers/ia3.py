@@ -3,10 +3,10 @@ import torch
 from torch import nn
 
 from .. import ops
-from .lora import adapter_dtype, base_weight, cast_to, wrapped_shape
+from .lora import WrapsLayer, adapter_dtype, base_weight, cast_to, wrapped_shape
 
 
-class Ia3Linear(nn.Module):
+class Ia3Linear(WrapsLayer, nn.Module):
     """`base(x) * l` (output scaling), or with `feedforward=True`, `base(x * l)` (input scaling), as peft's IA3.
 
     `ia3_l` is shaped as peft's ([out, 1], or [1, in] for feed-forward layers) and initialised to ones, so state dict

@@ -45,7 +45,28 @@ def cast_to(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return p if p.dtype == dtype else p.to(dtype)
 
 
-class LoraLinear(nn.Module):
+class WrapsLayer:
+    """What a module that owns the wrapped layer may read from it, as peft's tuner layers forward them: the base
+    layer's own `weight` and `bias` (in its storage layout) and its feature counts."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return base_weight(self.base_layer).shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return base_weight(self.base_layer).shape[0]
+
+
+class LoraLinear(WrapsLayer, nn.Module):
     """`base(x) + scaling * dropout(x) @ lora_A.T @ lora_B.T`, with the original module kept as `base_layer`; with
     `use_dora`, peft's DoRA: the rows of `W + scaling * B A` rescaled to the trainable `lora_magnitude_vector` [out].
 
@@ -67,14 +88,6 @@ class LoraLinear(nn.Module):
         if self.use_dora:
             with torch.no_grad():
                 self.lora_magnitude_vector = nn.Parameter(self._dora_norm(self._delta_weight()).to(dtype))
-
-    @property
-    def in_features(self) -> int:
-        return self.lora_A.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.lora_B.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

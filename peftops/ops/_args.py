@@ -1,4 +1,6 @@
 """The functional ops' first check, before any attribute of an argument is read."""
+import numbers
+
 import torch
 
 
@@ -7,3 +9,25 @@ def check_tensors(op: str, optional=(), **args) -> None:
     for name, value in args.items():
         if not isinstance(value, torch.Tensor) and not (value is None and name in optional):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def as_float(op: str, name: str, value) -> float:
+    """A number argument (`scale`, `dropout_p`, `p`) as a Python float: a real number or a one-element tensor that
+    needs no gradient (the ops take it as a constant); TypeError or ValueError naming the argument otherwise."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{op}: {name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        if value.requires_grad:
+            raise ValueError(f"{op}: {name} is a tensor that requires grad, but {op} takes it as a constant "
+                             "(no gradient flows to it); pass a float or a detached tensor")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_flag(op: str, name: str, value) -> bool:
+    """A bool keyword (`training`, `is_causal`, `feedforward`); TypeError naming it otherwise (None is not False)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+    return value

@@ -3,7 +3,7 @@ import torch
 
 from .. import _extension
 from . import reference
-from ._args import check_tensors
+from ._args import as_float, check_flag, check_tensors
 
 
 def bias_linear(x, weight, bias):
@@ -17,8 +17,9 @@ def bias_linear(x, weight, bias):
 def bias_dropout_add(x, bias, residual, p=0.0, *, training=True):
     """`residual + dropout(x + bias)` in one pass; the mask is regenerated in backward from a seed, never stored."""
     check_tensors("bias_dropout_add", x=x, bias=bias, residual=residual)
+    p, training = as_float("bias_dropout_add", "p", p), check_flag("bias_dropout_add", "training", training)
     if _extension.use_kernels(x.device):
-        return torch.ops.peftops.bias_dropout_add(x, bias, residual, float(p), training=training)
+        return torch.ops.peftops.bias_dropout_add(x, bias, residual, p, training=training)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"bias_dropout_add: p must be in [0, 1), got {p}")
     seed = reference.draw_seed(x.device, p, training)

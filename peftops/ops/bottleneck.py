@@ -3,7 +3,7 @@ import torch
 
 from .. import _extension
 from . import reference
-from ._args import check_tensors
+from ._args import as_float, check_tensors
 
 
 def adapter_bottleneck(h, w_down, b_down, w_up, b_up, *, activation="relu", scale=1.0, residual=None):
@@ -11,9 +11,10 @@ def adapter_bottleneck(h, w_down, b_down, w_up, b_up, *, activation="relu", scal
     activation one of relu, gelu, gelu_tanh, silu. Backward keeps only h and the bottleneck pre-activation."""
     check_tensors("adapter_bottleneck", ("b_down", "b_up", "residual"), h=h, w_down=w_down, b_down=b_down,
                   w_up=w_up, b_up=b_up, residual=residual)
+    scale = as_float("adapter_bottleneck", "scale", scale)
     if _extension.use_kernels(h.device):
         return torch.ops.peftops.adapter_bottleneck(h, w_down, b_down, w_up, b_up, activation=activation,
-                                                    scale=float(scale), residual=residual)
+                                                    scale=scale, residual=residual)
     if activation not in reference.ACTIVATIONS:
         raise ValueError(f"adapter_bottleneck: activation must be one of relu, gelu, gelu_tanh, silu, got '{activation}'")
     return reference.adapter_bottleneck(h, w_down, b_down, w_up, b_up, activation, scale, residual)

@@ -3,7 +3,7 @@ import torch
 
 from .. import _extension
 from . import reference
-from ._args import check_tensors
+from ._args import as_float, check_flag, check_tensors
 
 
 def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p=0.0, *, training=True):
@@ -12,9 +12,11 @@ def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p=0.0
     dropped input is recomputed: `x W^T + b + (g - 1) * (x_d W^T) + g * scale * x_d A^T B^T`."""
     check_tensors("dora_linear", ("bias",), x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
                   magnitude=magnitude)
+    scale, dropout_p = as_float("dora_linear", "scale", scale), as_float("dora_linear", "dropout_p", dropout_p)
+    training = check_flag("dora_linear", "training", training)
     if _extension.use_kernels(x.device):
-        return torch.ops.peftops.dora_linear(x, weight, bias, lora_a, lora_b, magnitude, float(scale),
-                                             float(dropout_p), training=training)
+        return torch.ops.peftops.dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p,
+                                             training=training)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dora_linear: dropout_p must be in [0, 1), got {dropout_p}")
     seed = reference.draw_seed(x.device, dropout_p, training)

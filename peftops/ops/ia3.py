@@ -3,7 +3,7 @@ import torch
 
 from .. import _extension
 from . import reference
-from ._args import check_tensors
+from ._args import check_flag, check_tensors
 
 
 def ia3_linear(x, weight, bias, ia3_scale, *, feedforward=False):
@@ -13,6 +13,7 @@ def ia3_linear(x, weight, bias, ia3_scale, *, feedforward=False):
     shape. The frozen weight gets no gradient; the base output the scale's gradient needs is kept where it is no bigger
     than x (out_features <= in_features), else recomputed from x."""
     check_tensors("ia3_linear", ("bias",), x=x, weight=weight, bias=bias, ia3_scale=ia3_scale)
+    feedforward = check_flag("ia3_linear", "feedforward", feedforward)
     if _extension.use_kernels(x.device):
         return torch.ops.peftops.ia3_linear(x, weight, bias, ia3_scale, feedforward=feedforward)
     return reference.ia3_linear(x, weight, bias, ia3_scale, feedforward)

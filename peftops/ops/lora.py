@@ -3,7 +3,7 @@ import torch
 
 from .. import _extension
 from . import reference
-from ._args import check_tensors
+from ._args import as_float, check_flag, check_tensors
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, *, training=True):
@@ -12,8 +12,10 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, *, traini
     `weight` is frozen (never gets a gradient). The dropout mask is regenerated in backward from a seed drawn
     from torch's generator for x's device, so `torch.manual_seed` reproduces it; it is never stored."""
     check_tensors("lora_linear", ("bias",), x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    scale, dropout_p = as_float("lora_linear", "scale", scale), as_float("lora_linear", "dropout_p", dropout_p)
+    training = check_flag("lora_linear", "training", training)
     if _extension.use_kernels(x.device):
-        return torch.ops.peftops.lora_linear(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p),
+        return torch.ops.peftops.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p,
                                              training=training)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")

@@ -3,7 +3,7 @@ import torch
 
 from .. import _extension
 from . import reference
-from ._args import check_tensors
+from ._args import as_float, check_flag, check_tensors
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, *, attn_mask=None, is_causal=False, scale=None):
@@ -14,6 +14,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, attn_mask=None, is_causal=F
     visible; `is_causal` applies within the sequence part, aligned to its end."""
     check_tensors("prefix_attention", ("attn_mask",), q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v,
                   attn_mask=attn_mask)
+    is_causal = check_flag("prefix_attention", "is_causal", is_causal)
+    scale = None if scale is None else as_float("prefix_attention", "scale", scale)
     if _extension.use_kernels(q.device):
         return torch.ops.peftops.prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=attn_mask,
                                                   is_causal=is_causal, scale=scale)

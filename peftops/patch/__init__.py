@@ -20,6 +20,7 @@ def patch(model: nn.Module, config=None, *, adapter_name: str = "default") -> nn
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
     if backend.is_peft_model(model):
         raise ValueError("model is a peft.PeftModel: call peftops.patch(model) without a config (backend mode)")
+    config.__post_init__()  # validated again: a config's fields may have been changed since it was built
     return _PATCHERS[type(config)](model, config, adapter_name)
 
 

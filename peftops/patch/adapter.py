@@ -20,6 +20,7 @@ class PatchState:
     layer_names: list
     requires_grad: list  # [(parameter, flag)]
     gated_blocks: list = field(default_factory=list)  # feed-forward blocks whose forward IA3 took over
+    nested_tensor_flags: list = field(default_factory=list)  # [(nn.TransformerEncoder, use_nested_tensor before)]
 
 
 def get_state(model: nn.Module):
@@ -51,6 +52,28 @@ def check_unpatched(model: nn.Module):
                              "adapters")
 
 
+def _no_op(module, args):
+    return None
+
+
+def _keep_off_fast_paths(model: nn.Module, names: list) -> list:
+    """torch's TransformerEncoderLayer has an inference fast path that reads its linear layers' weights itself, which
+    would bypass an adapter; it stands aside when any module in the layer carries a forward hook, so adapters there
+    carry a no-op one. TransformerEncoder's own fast path turns padded batches into nested tensors, which the ops do
+    not take: it is switched off (use_nested_tensor) where an adapter sits below; returns the flags to restore."""
+    wrapped = {id(model.get_submodule(n)) for n in names}
+    for name in names:
+        if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.TransformerEncoderLayer):
+            model.get_submodule(name).register_forward_pre_hook(_no_op)
+    flags = []
+    for encoder in model.modules():
+        if isinstance(encoder, nn.TransformerEncoder) and getattr(encoder, "use_nested_tensor", False) and \
+                any(id(m) in wrapped for m in encoder.modules()):
+            flags.append((encoder, encoder.use_nested_tensor))
+            encoder.use_nested_tensor = False
+    return flags
+
+
 def _insert(model: nn.Module, config, adapter_name: str, layers: dict) -> list:
     """Freeze every parameter, put `layers` in place and record the state; returns the layers."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -58,7 +81,8 @@ def _insert(model: nn.Module, config, adapter_name: str, layers: dict) -> list:
         p.requires_grad_(False)
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
-    model.__dict__[STATE_ATTR] = PatchState(config, adapter_name, list(layers), flags)
+    model.__dict__[STATE_ATTR] = PatchState(config, adapter_name, list(layers), flags,
+                                            nested_tensor_flags=_keep_off_fast_paths(model, list(layers)))
     return list(layers.values())
 
 
@@ -107,5 +131,7 @@ def unpatch_layers(model: nn.Module, merge: bool = False) -> nn.Module:
         _set_submodule(model, name, layer.base_layer)
     for p, flag in state.requires_grad:
         p.requires_grad_(flag)
+    for encoder, flag in state.nested_tensor_flags:
+        encoder.use_nested_tensor = flag
     del model.__dict__[STATE_ATTR]
     return model

@@ -11,7 +11,8 @@ Semantics are peft's `PrefixTuningConfig` (same function on the same weights, pe
 writes its files): the prefix of layer l is rows 2l (keys) and 2l+1 (values) of peft's
 `[P, layers * 2, Hkv, D]` layout; with `prefix_projection` it is the output of peft's MLP
 `Linear(token_dim, hidden) -> tanh -> Linear(hidden, layers * 2 * token_dim)` over P virtual-token embeddings; and,
-because peft puts the prefix in the KV cache, a causal LM's positions are shifted by P (`_shift_positions`)."""
+because peft puts the prefix in the KV cache, positions are shifted by P (`_shift_positions`): a model numbers its
+tokens after what its cache holds, BERT's absolute positions as a causal LM's."""
 from dataclasses import dataclass
 
 import torch
@@ -241,8 +242,9 @@ def _set_attn_implementation(model, name):
 
 
 def _shift_positions(num_tokens):
-    """peft keeps the prefix in the cache, so a causal LM numbers its tokens after it: positions given are shifted
-    by P, and absent ones are P + the cache length + 0 .. L-1 (what the model computes with P more cached tokens)."""
+    """peft keeps the prefix in the cache, so the model numbers its tokens after it (causal LMs and BERT alike):
+    positions given are shifted by P, and absent ones are P + the cache length + 0 .. L-1 (what the model computes
+    with P more cached tokens)."""
     def hook(module, args, kwargs):
         pos = kwargs.get("position_ids")
         if pos is None:
@@ -289,8 +291,7 @@ def patch_prefix(model: nn.Module, config: PrefixConfig, adapter_name: str) -> n
             for name in (KEY, VALUE):
                 module.register_parameter(name, nn.Parameter(torch.randn(num_kv, P, head_dim, dtype=dtype,
                                                                          device=flags[0][0].device)))
-    causal = all(getattr(m, "is_causal", getattr(m, "is_decoder", False)) for _, m in found)
-    hook = model.base_model.register_forward_pre_hook(_shift_positions(P), with_kwargs=True) if causal else None
+    hook = model.base_model.register_forward_pre_hook(_shift_positions(P), with_kwargs=True)
     old = model.config._attn_implementation
     if through_registry:
         _set_attn_implementation(model, ATTN_NAME)

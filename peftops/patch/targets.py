@@ -59,11 +59,19 @@ def matches(targets, name: str) -> bool:
 ALL_LINEAR = "all-linear"
 
 
+def _read_directly(model: nn.Module) -> set:
+    """The linear layers whose owner never calls them: nn.MultiheadAttention reads its out_proj's weight and bias
+    itself, so a layer wrapped there would never run."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def all_linear_names(model: nn.Module) -> list:
-    """peft's "all-linear": every nn.Linear / Conv1D module except the model's output layer (its LM head)."""
+    """peft's "all-linear": every nn.Linear / Conv1D module except the model's output layer (its LM head), and
+    except those their owner never calls (nn.MultiheadAttention's out_proj)."""
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
-    return [n for n, m in model.named_modules() if n and is_supported(m) and m is not output]
+    skip = _read_directly(model)
+    return [n for n, m in model.named_modules() if n and is_supported(m) and m is not output and id(m) not in skip]
 
 
 def find_targets(model: nn.Module, targets, explicit: bool, technique: str = "LoRA") -> list:
@@ -83,6 +91,11 @@ def find_targets(model: nn.Module, targets, explicit: bool, technique: str = "Lo
     if unsupported:
         raise ValueError(f"target_modules {targets!r} name modules {technique} cannot adapt (it adapts nn.Linear and "
                          f"transformers' Conv1D): {unsupported}")
+    never_called = [n for n, m in found if id(m) in _read_directly(model)]
+    if never_called:
+        raise ValueError(f"target_modules {targets!r} name the out_proj of an nn.MultiheadAttention, which reads its "
+                         f"weight directly and never calls it, so {technique} there would have no effect: "
+                         f"{never_called}")
     non_float = [f"{n} ({m.weight.dtype})" for n, m in found if not m.weight.is_floating_point()]
     if non_float:
         raise ValueError(f"{technique} needs floating-point base weights; these modules have none: {non_float}")
