@@ -188,7 +188,7 @@ def _prefix_reference(q, k, v, pk, pv, is_causal):
 @pytest.mark.parametrize("dense", ["0", "1"])
 @pytest.mark.parametrize("where,L,S,P,causal", [("q", 2, 3, 2, False), ("prefix_k", 2, 3, 1, False),
                                                 ("k", 2, 1, 2, False), ("k", 2, 1, 2, True), ("k", 3, 4, 2, True),
-                                                ("v", 2, 3, 2, False)])
+                                                ("v", 2, 3, 2, False), ("v", 3, 2, 2, True)])
 def test_prefix_attention_propagates_nan_as_softmax(monkeypatch, dense, where, L, S, P, causal):
     # ATen's CPU flash kernel takes a row of NaN scores for a fully masked one (output 0); softmax gives NaN. Keys
     # that a row cannot see (causal) leave it alone.
@@ -199,10 +199,15 @@ def test_prefix_attention_propagates_nan_as_softmax(monkeypatch, dense, where, L
          "prefix_v": torch.randn(1, P, 16, generator=g)}
     index = (0, 0, 0) if where == "prefix_k" else (0, 0, 0, 0)
     t[where][index] = float("nan")
-    out = ops.prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], is_causal=causal)
-    expected = _prefix_reference(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], causal)
+    args = [t[n].requires_grad_() for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    out = ops.prefix_attention(*args, is_causal=causal)
+    expected = _prefix_reference(*args, causal)
     assert expected.isnan().any()
     torch.testing.assert_close(out, expected, equal_nan=True)
+    grad = torch.randn_like(out)
+    for g, g_ref, name in zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(expected, args, grad),
+                              ("q", "k", "v", "prefix_k", "prefix_v")):
+        torch.testing.assert_close(g, g_ref, equal_nan=True, msg=lambda m: f"grad {name}: {m}")
 
 
 def test_lora_linear_under_autocast_takes_float32_adapters_over_a_bfloat16_base():

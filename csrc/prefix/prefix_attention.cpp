@@ -289,7 +289,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
     if (vis.defined()) zs.masked_fill_(vis.logical_not(), -kInf);
     const auto ps = at::exp(zs.sub_(lse_g.unsqueeze(-1)));
     dv = at::matmul(ps.transpose(-1, -2), dog);
-    const auto dzs = ps.mul(at::matmul(dog, v.to(acc).transpose(-1, -2)).sub_(delta_g)).mul_(s.scale);
+    auto dzs = ps.mul(at::matmul(dog, v.to(acc).transpose(-1, -2)).sub_(delta_g)).mul_(s.scale);
+    if (vis.defined()) dzs.masked_fill_(vis.logical_not(), 0.0);  // a hidden key's NaN value stays hidden (0 * NaN)
     dq.view({s.B, s.Hkv, s.G * s.L, s.D}).add_(at::matmul(dzs, k.to(acc)));
     dk = at::matmul(dzs.transpose(-1, -2), qg);
   }
