@@ -1,6 +1,6 @@
 """A plain-PyTorch re-implementation of bottleneck adapter placements, written from AdapterHub's (`adapters`)
 definition rather than from peftops': its Adapter.pre_forward / forward / post_forward with the `seq_bn` and
-`double_seq_bn` flags, installed on an unpatched model through hooks. Parallel follows He et al. (2021)."""
+`double_seq_bn` / `par_bn` flags, installed on an unpatched model through hooks."""
 import torch
 import torch.nn.functional as F
 
@@ -48,15 +48,11 @@ def install(model, placement, weights, activation, scale):
             return adapter_layer(flags, w, activation, scale, h, input_tensor, module.LayerNorm)
         return forward
 
-    def pre_ln_hook(key, w, parallel=False):
+    def pre_ln_hook(key, w):
         # The decoder layer adds r after this output: return AdapterHub's result minus r.
         def hook(module, args, kwargs, out):
             h = out if isinstance(out, torch.Tensor) else out[0]
-            r = captured[key]
-            if parallel:  # He et al.: the adapter reads the sublayer's own (normed) input
-                new = h + adapter_up(w, args[0], activation, scale)
-            else:
-                new = adapter_layer(flags, w, activation, scale, h, r, None) - r
+            new = adapter_layer(flags, w, activation, scale, h, captured[key], None) - captured[key]
             return new if isinstance(out, torch.Tensor) else (new,) + tuple(out[1:])
         return hook
 
@@ -70,8 +66,7 @@ def install(model, placement, weights, activation, scale):
             layer = model.get_submodule(parent)
             norm = layer.post_attention_layernorm if hasattr(layer, "post_attention_layernorm") else layer.ln_2
             handles.append(norm.register_forward_pre_hook(capture(parent + ".ffn"), with_kwargs=True))
-            hook = pre_ln_hook(parent + ".ffn", w, parallel=placement == "parallel")
-            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            handles.append(module.register_forward_hook(pre_ln_hook(parent + ".ffn", w), with_kwargs=True))
         elif leaf in ("self_attn", "attn"):
             layer = model.get_submodule(parent)
             handles.append(layer.register_forward_pre_hook(capture(parent + ".attn"), with_kwargs=True))

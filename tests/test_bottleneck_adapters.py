@@ -162,14 +162,15 @@ def test_load_refuses_bad_files_and_leaves_the_model(tmp_path):
     refused(ValueError, "not a peftops-bottleneck version 1 file")
 
 
+@pytest.mark.parametrize("placement", ["houlsby", "parallel"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_merge_is_refused_and_unpatch_restores(family):
+def test_merge_is_refused_and_unpatch_restores(family, placement):
     model = BUILDERS[family]()
     model.get_input_embeddings().weight.requires_grad_(False)  # a flag unpatch must restore as it was
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     keys, ids = list(model.state_dict()), input_ids()
     before = output(model, ids)
-    peftops.patch(model, AdapterConfig(bottleneck=4, placement="houlsby"))
+    peftops.patch(model, AdapterConfig(bottleneck=4, placement=placement))
     randomize(model)
     assert not torch.equal(output(model, ids), before)
     with pytest.raises(ValueError, match="bottleneck adapters cannot be merged"):

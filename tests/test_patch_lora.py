@@ -340,3 +340,12 @@ def test_half_precision_model_keeps_float32_adapters_as_peft(use_dora):
     loss_of(out).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for n, p in ours.named_parameters()
                if "lora_B" in n)
+    # merged as peft merges: the delta (and DoRA's norms) in float32, rounded into the bf16 weight once
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "magnitude" in name:
+                p.mul_(1.5)
+                ref_params[ours_to_peft_name(name) + ".default.weight"].copy_(p)
+    merged, ref_merged = peftops.merge(ours), ref.merge_and_unload()
+    for (name, w), (_, w_ref) in zip(merged.named_parameters(), ref_merged.named_parameters()):
+        assert torch.equal(w, w_ref), name

@@ -105,22 +105,21 @@ class LoraLinear(WrapsLayer, nn.Module):
         the base layer, which can replace this one."""
         if not self.merged:
             weight = base_weight(self.base_layer)
-            delta = self._delta_weight()
-            if self.use_dora:  # peft's DoRA merge: W' = m / ||W + dW|| * (W + dW), rows, in the weight's dtype
-                merged = weight + delta
-                scale = self.lora_magnitude_vector.to(weight.dtype) / self._dora_norm(delta)
-                weight.copy_(scale.view(-1, 1) * merged)
-            else:
-                weight.add_(delta)
+            # As peft: in the adapters' dtype (float32 over a 16-bit base), rounded into the weight once.
+            merged = weight + self._delta_weight(torch.promote_types(self.lora_A.dtype, weight.dtype))
+            if self.use_dora:  # peft's DoRA merge: W' = m / ||W + dW|| * (W + dW), by rows
+                merged *= (self.lora_magnitude_vector / torch.linalg.norm(merged, dim=1)).view(-1, 1)
+            weight.copy_(merged)
             self.merged = True
         return self.base_layer
 
-    def _delta_weight(self) -> torch.Tensor:
-        """`scaling * B @ A` [out, in] in the base weight's dtype, computed as peft's `get_delta_weight`."""
+    def _delta_weight(self, dtype=None) -> torch.Tensor:
+        """`scaling * B @ A` [out, in] in `dtype` (default: the base weight's), computed as peft's
+        `get_delta_weight`."""
         a, b = self.lora_A, self.lora_B
         if a.dtype in (torch.float16, torch.bfloat16):  # as peft: half matmuls are slow or lossy on CPU
             a, b = a.float(), b.float()
-        return ((b @ a) * self.scaling).to(self.base_layer.weight.dtype)
+        return ((b @ a) * self.scaling).to(dtype or self.base_layer.weight.dtype)
 
     def _dora_norm(self, delta: torch.Tensor) -> torch.Tensor:
         """Row norms of `W + delta`, as peft's `get_weight_norm` (in the weight's dtype)."""

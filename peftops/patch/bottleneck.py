@@ -8,9 +8,9 @@ s the sublayer output h plus the model's residual r:
     BERT  `BertOutput`:        LN(s + A(LN(s)))      pre-LN (Llama, GPT-2) decoder layer: s + A(s)
 - Houlsby (`double_seq_bn`): after attention and after the feed-forward block, on h itself.
     BERT  `BertSelfOutput`, `BertOutput`: LN(s + A(h))     pre-LN: attention and MLP outputs h -> h + A(h)
-- Parallel (He et al. 2021): beside the feed-forward block, reading its input x.
-    BERT  `BertOutput` (x is its residual r): LN(s + A(r))    pre-LN MLP: mlp(x) + A(x), x the normed input
-  (AdapterHub's `par_bn` reads the un-normed stream r on pre-LN models instead; we follow the paper.)
+- Parallel (`par_bn`, He et al. 2021): beside the feed-forward block, reading the stream r that enters it.
+    BERT  `BertOutput` (r is its residual): LN(s + A(r))    pre-LN MLP: mlp(LN(r)) + A(r), r the un-normed stream,
+  which the feed-forward norm hands on to the MLP (`_hand_on_input`), as AdapterHub reads it.
 Every form is one `adapter_bottleneck` call whose residual is the tensor the model adds anyway."""
 from dataclasses import dataclass
 
@@ -23,6 +23,7 @@ from .adapter import STATE_ATTR, check_unpatched
 from .forwards import call_original, replace_forward, restore_forward
 
 CHILD = "bottleneck_adapter"
+STREAM = "_peftops_stream"  # a one-slot list a pre-LN layer's feed-forward norm and MLP share (parallel placement)
 
 
 @dataclass
@@ -30,6 +31,7 @@ class BottleneckState:
     config: AdapterConfig
     adapter_name: str
     layer_names: list  # modules given an adapter child and a new forward
+    relay_names: list  # modules given only a new forward (the norm that hands r on to a parallel adapter)
     requires_grad: list  # [(parameter, flag)] before patching
 
 
@@ -41,8 +43,19 @@ def _post_forward(self, *args, **kwargs):
     return (getattr(self, CHILD)(out[0]),) + tuple(out[1:])
 
 
+def _hand_on_input(self, x, *args, **kwargs):
+    """A pre-LN layer's feed-forward norm: its input r goes on to the MLP's parallel adapter."""
+    getattr(self, STREAM)[0] = x
+    return call_original(self, x, *args, **kwargs)
+
+
 def _parallel_forward(self, x, *args, **kwargs):
-    return getattr(self, CHILD)(x, residual=call_original(self, x, *args, **kwargs))
+    """mlp(LN(r)) + A(r), r as the norm handed it on (taken, so no activation outlives the layer's forward)."""
+    stream = getattr(self, STREAM)
+    r, stream[0] = stream[0], None
+    if r is None:
+        raise RuntimeError("parallel bottleneck adapter: the MLP ran without its layer's feed-forward norm before it")
+    return getattr(self, CHILD)(r, residual=call_original(self, x, *args, **kwargs))
 
 
 def _bert_pfeiffer_forward(self, hidden_states, input_tensor):
@@ -77,14 +90,15 @@ def _layers(model):
             yield "bert", name, m
 
 
-# (family, placement) -> [(submodule of the layer, new forward)]; "" is the layer itself.
+# (family, placement) -> [(submodule of the layer, new forward)]; "" is the layer itself. Every module listed gets an
+# adapter child but those whose forward only relays the stream (_hand_on_input).
 _PLAN = {
     ("llama", "pfeiffer"): [("", _post_forward)],
     ("llama", "houlsby"): [("self_attn", _post_forward), ("mlp", _post_forward)],
-    ("llama", "parallel"): [("mlp", _parallel_forward)],
+    ("llama", "parallel"): [("post_attention_layernorm", _hand_on_input), ("mlp", _parallel_forward)],
     ("gpt2", "pfeiffer"): [("", _post_forward)],
     ("gpt2", "houlsby"): [("attn", _post_forward), ("mlp", _post_forward)],
-    ("gpt2", "parallel"): [("mlp", _parallel_forward)],
+    ("gpt2", "parallel"): [("ln_2", _hand_on_input), ("mlp", _parallel_forward)],
     ("bert", "pfeiffer"): [("output", _bert_pfeiffer_forward)],
     ("bert", "houlsby"): [("attention.output", _bert_houlsby_forward), ("output", _bert_houlsby_forward)],
     ("bert", "parallel"): [("output", _bert_parallel_forward)],
@@ -92,10 +106,11 @@ _PLAN = {
 
 
 def _plan(model, placement: str) -> list:
+    """[(module name, new forward, layer name)] for every layer of the model."""
     plan = []
     for family, name, layer in _layers(model):
         for sub, forward in _PLAN[family, placement]:
-            plan.append((".".join(n for n in (name, sub) if n), forward))
+            plan.append((".".join(n for n in (name, sub) if n), forward, name))
     if not plan:
         kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
         raise ValueError(f"bottleneck adapters support the Llama, GPT-2 and BERT families; found no such layers in "
@@ -120,21 +135,29 @@ def patch_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str) ->
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    for name, forward in plan:
+    streams = {}
+    for name, forward, layer in plan:
         module = model.get_submodule(name)
-        ref = next(module.parameters())  # the adapter lives in the sublayer's dtype and device
-        module.add_module(CHILD, BottleneckAdapter(hidden, config.bottleneck, config.activation, config.scale,
-                                                   dtype=ref.dtype, device=ref.device))
+        if forward is not _hand_on_input:
+            ref = next(module.parameters())  # the adapter lives in the sublayer's dtype and device
+            module.add_module(CHILD, BottleneckAdapter(hidden, config.bottleneck, config.activation, config.scale,
+                                                       dtype=ref.dtype, device=ref.device))
+        if forward in (_hand_on_input, _parallel_forward):
+            setattr(module, STREAM, streams.setdefault(layer, [None]))
         replace_forward(module, forward)
-    model.__dict__[STATE_ATTR] = BottleneckState(config, adapter_name, [n for n, _ in plan], flags)
+    model.__dict__[STATE_ATTR] = BottleneckState(
+        config, adapter_name, [n for n, f, _ in plan if f is not _hand_on_input],
+        [n for n, f, _ in plan if f is _hand_on_input], flags)
     return model
 
 
 def unpatch_adapter(model: nn.Module) -> nn.Module:
     state = model.__dict__.pop(STATE_ATTR)
-    for name in state.layer_names:
+    for name in state.layer_names + state.relay_names:
         module = model.get_submodule(name)
-        delattr(module, CHILD)
+        for attr in (CHILD, STREAM):
+            if attr in module.__dict__ or attr in module._modules:
+                delattr(module, attr)
         restore_forward(module)
     for p, flag in state.requires_grad:
         p.requires_grad_(flag)
