@@ -119,14 +119,11 @@ Tensor additive(const Tensor& visible, const Tensor& like) {
 // forces it on the CPU too, so that the CPU tests exercise the code the GPU runs). Not for empty queries, which the
 // flash kernel divides by, nor for a NaN or an infinity in q or the keys: the flash kernel takes a row of NaN scores
 // for a fully masked one (output 0), where softmax gives NaN; the dense path propagates them as softmax does. One
-// reduction each over q and the keys finds them.
+// sum each over q and the keys finds them (or an overflow to inf, which only sends finite inputs down the dense path).
 bool use_flash(const Tensor& q, const Tensor& k, const Tensor& pk) {
   const char* dense = std::getenv("PEFTOPS_PREFIX_DENSE");
   if (!q.is_cpu() || q.numel() == 0 || (dense && dense[0] == '1')) return false;
-  for (const Tensor* t : {&q, &k, &pk}) {
-    if (t->numel() > 0 && !at::isfinite(t->sum()).item<bool>()) return false;
-  }
-  return true;
+  return at::isfinite(q.sum().add_(k.sum()).add_(pk.sum())).item<bool>();  // a NaN or an inf anywhere spoils it
 }
 
 // Flash attention's own causal mode (top-left aligned) equals ours (aligned to the end) when L == S; it skips the
