@@ -11,6 +11,7 @@ import torch
 
 import peftops
 from peftops import AdapterConfig
+from peftops.layers import BottleneckAdapter
 from peftops.patch.adapter import get_state
 from peftops.patch.bottleneck import CHILD, adapter_parameters
 from bottleneck_reference import install
@@ -202,3 +203,29 @@ def test_training_step_moves_the_adapter_only():
     opt.step()
     assert not torch.allclose(output(model, ids), before)
     assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_pfeiffer_on_pre_ln_layers_keeps_no_copy_of_the_layer_output(family):
+    # The adapter on a pre-LN layer's output keeps that output (which the next norm keeps anyway) in place of its
+    # input: per layer, the [tokens, hidden] input is not kept; outputs and gradients are unchanged.
+    from peftops.profiling import saved_bytes
+    model = peftops.patch(BUILDERS[family](), AdapterConfig(bottleneck=4, placement="pfeiffer"))
+    randomize(model)
+    adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+    assert adapters and all(a.save_output for a in adapters)
+    ids = input_ids()
+    results = {}
+    for keep_output in (True, False):
+        for a in adapters:
+            a.save_output = keep_output
+        model.zero_grad()
+        out, saved = saved_bytes(lambda: output(model, ids), exclude=list(model.parameters()))
+        loss_of(out).backward()
+        results[keep_output] = out, saved, [a.up.grad.clone() for a in adapters] + [a.down.grad.clone() for a in adapters]
+    (out, saved, grads), (out_h, saved_h, grads_h) = results[True], results[False]
+    assert torch.equal(out, out_h)
+    for g, g_h in zip(grads, grads_h):
+        assert_close(g, g_h, 1e-5, "adapter grad")
+    hidden = model.config.hidden_size
+    assert saved_h - saved == len(adapters) * ids.numel() * hidden * 4

@@ -20,14 +20,15 @@ def operands(device, dtype, batch, d, m, d_out=None, biases=True, gen=None):
 
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("shape", [((5,), 12, 3), ((2, 9), 40, 16), ((3, 4, 5), 33, 7)])
-@pytest.mark.parametrize("residual", [False, True])
-def test_matches_reference(device, activation, shape, residual):
+@pytest.mark.parametrize("residual,save_output", [(False, False), (True, False), (False, True)])
+def test_matches_reference(device, activation, shape, residual, save_output):
     batch, d, m = shape
     for dtype in DTYPES[device]:
         gen = torch.Generator().manual_seed(d * m)
         args = operands(device, dtype, batch, d, m, d_out=d + 3 if residual else d, gen=gen)
         res = torch.randn(*batch, d + 3, generator=gen).to(device, dtype).requires_grad_() if residual else None
-        y = peftops.ops.adapter_bottleneck(*args, activation=activation, scale=0.7, residual=res)
+        y = peftops.ops.adapter_bottleneck(*args, activation=activation, scale=0.7, residual=res,
+                                           save_output=save_output)
         inputs = [t for t in (*args, res) if t is not None]
         dbl = [t.detach().double().requires_grad_() for t in inputs]
         it = iter(dbl)
@@ -54,6 +55,13 @@ def test_saves_only_input_and_pre_activation(device):
     with SavedTensors(exclude=(wd, bd, wu, bu)) as s:
         peftops.ops.adapter_bottleneck(h, wd, bd, wu, bu, activation="gelu")
     assert s.nbytes == (128 * 64 + 128 * 8) * 4  # h and the [tokens, m] pre-activation
+    with SavedTensors(exclude=(wd, bd, wu, bu)) as s:
+        y = peftops.ops.adapter_bottleneck(h, wd, bd, wu, bu, activation="gelu", save_output=True)
+    # the output in place of h (a caller's next layer keeps it anyway), and the pre-activation
+    assert y.untyped_storage().data_ptr() in s.storages and h.untyped_storage().data_ptr() not in s.storages
+    assert s.nbytes == (128 * 64 + 128 * 8) * 4
+    with pytest.raises(ValueError, match=r"save_output=True .* \(residual=None\)"):
+        peftops.ops.adapter_bottleneck(h, wd, bd, wu, bu, residual=h * 2, save_output=True)
 
 
 def test_gradcheck_float64():
@@ -64,12 +72,16 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(lambda *a: peftops.ops.adapter_bottleneck(*a, activation=act, scale=1.3), args)
         assert torch.autograd.gradcheck(
             lambda *a: peftops.ops.adapter_bottleneck(*a[:5], activation=act, residual=a[5]), (*args, res))
+        assert torch.autograd.gradcheck(lambda *a: peftops.ops.adapter_bottleneck(*a, activation=act, scale=0.6,
+                                                                                    save_output=True), args)
 
 
 def test_opcheck_and_compile(device):
     h, wd, bd, wu, bu = operands(device, torch.float32, (2, 3), 8, 4)
-    torch.library.opcheck(torch.ops.peftops.adapter_bottleneck_forward.default, (h, wd, bd, wu, bu, 1, 0.5, None))
-    torch.library.opcheck(torch.ops.peftops.adapter_bottleneck_forward.default, (h, wd, None, wu, None, 3, 2.0, (h * 2).detach().requires_grad_()))
+    forward = torch.ops.peftops.adapter_bottleneck_forward.default
+    torch.library.opcheck(forward, (h, wd, bd, wu, bu, 1, 0.5, None, False))
+    torch.library.opcheck(forward, (h, wd, None, wu, None, 3, 2.0, (h * 2).detach().requires_grad_(), False))
+    torch.library.opcheck(forward, (h, wd, bd, wu, bu, 2, 0.5, None, True))
     torch._dynamo.reset()
     f = lambda h: peftops.ops.adapter_bottleneck(h, wd, bd, wu, bu, activation="gelu_tanh").square().sum()  # noqa: E731
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")

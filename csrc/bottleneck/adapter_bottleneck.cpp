@@ -4,7 +4,9 @@
 //   forward:  a = h Wd^T + bd (saved); y = residual + s [f(a) | 1] [Wu | bu]^T, one GEMM writing y once
 //             (the residual read in its epilogue, the bias as one more column of the bottleneck);
 //   backward: [dWu | dbu] = s dy^T [f(a) | 1] (one GEMM), da = s (dy Wu) o f'(a), dWd = da^T h, dbd = 1^T da,
-//             dh = da Wd (+ dy when the residual is h, in the same GEMM). Saved: h and a only.
+//             dh = da Wd (+ dy when the residual is h, in the same GEMM). Saved: h and a only; with save_output
+//             (residual h), y instead of h, which the model's next layer keeps anyway: backward recovers
+//             h = y - s [f(a) | 1] [Wu | bu]^T (autograd/).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/cat.h>
@@ -78,7 +80,8 @@ const auto& activation_op() {
 
 std::tuple<Tensor, Tensor> adapter_bottleneck_forward(const Tensor& h, const Tensor& w_down, const OptTensor& b_down,
                                                       const Tensor& w_up, const OptTensor& b_up, int64_t activation,
-                                                      double scale, const OptTensor& residual) {
+                                                      double scale, const OptTensor& residual,
+                                                      bool /*save_output: for autograd only*/) {
   check_inputs(h, w_down, b_down, w_up, b_up, residual);
   const auto h2 = rows(h);
   const auto a = has(b_down) ? at::addmm(*b_down, h2, w_down.t()) : at::mm(h2, w_down.t());
@@ -115,24 +118,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_bottleneck_backward(
 }
 
 Tensor adapter_bottleneck(const Tensor& h, const Tensor& w_down, const OptTensor& b_down, const Tensor& w_up,
-                          const OptTensor& b_up, c10::string_view activation, double scale, const OptTensor& residual) {
+                          const OptTensor& b_up, c10::string_view activation, double scale, const OptTensor& residual,
+                          bool save_output) {
   check_inputs(h, w_down, b_down, w_up, b_up, residual);  // before dispatch: a meta argument would pick the fake kernel
   const auto code = activation_code(activation);
   TORCH_CHECK_VALUE(std::isfinite(scale), "adapter_bottleneck: scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(!save_output || !has(residual), "adapter_bottleneck: save_output=True recovers h from the "
+                    "output, which needs the residual to be h (residual=None)");
   static auto forward = c10::Dispatcher::singleton()
                             .findSchemaOrThrow("peftops::adapter_bottleneck_forward", "")
                             .typed<decltype(adapter_bottleneck_forward)>();
-  return std::get<0>(forward.call(h, w_down, b_down, w_up, b_up, code, scale, residual));
+  return std::get<0>(forward.call(h, w_down, b_down, w_up, b_up, code, scale, residual, save_output));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(peftops, m) {
   m.def("adapter_bottleneck(Tensor h, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, *, "
-        "str activation=\"relu\", float scale=1.0, Tensor? residual=None) -> Tensor");
+        "str activation=\"relu\", float scale=1.0, Tensor? residual=None, bool save_output=False) -> Tensor");
   // activation: 0 relu, 1 gelu, 2 gelu_tanh, 3 silu. a = h Wd^T + bd is saved for backward.
   m.def("adapter_bottleneck_forward(Tensor h, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, "
-        "int activation, float scale, Tensor? residual) -> (Tensor out, Tensor a)");
+        "int activation, float scale, Tensor? residual, bool save_output) -> (Tensor out, Tensor a)");
   m.def("adapter_bottleneck_backward(Tensor grad_out, Tensor h, Tensor a, Tensor w_down, Tensor w_up, int activation, "
         "float scale, bool residual_is_h, bool has_b_up, bool[5] output_mask) -> "
         "(Tensor grad_h, Tensor grad_w_down, Tensor grad_b_down, Tensor grad_w_up, Tensor grad_b_up)");

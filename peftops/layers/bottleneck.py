@@ -9,13 +9,15 @@ from .. import ops
 
 class BottleneckAdapter(nn.Module):
     """`down` [m, d] and `up` [d, m] with biases. `up` and both biases start at zero, so the adapter starts as the
-    identity (residual + 0); `down` is Kaiming-uniform as nn.Linear's weight, so the first step already moves `up`."""
+    identity (residual + 0); `down` is Kaiming-uniform as nn.Linear's weight, so the first step already moves `up`.
+    `save_output`: backward keeps the output instead of the input (see ops.adapter_bottleneck), for a placement whose
+    output the model keeps anyway."""
 
     def __init__(self, hidden: int, bottleneck: int, activation: str = "relu", scale: float = 1.0, *,
-                 dtype=None, device=None):
+                 save_output: bool = False, dtype=None, device=None):
         super().__init__()
         kw = {"dtype": dtype, "device": device}
-        self.activation, self.scale = activation, float(scale)
+        self.activation, self.scale, self.save_output = activation, float(scale), bool(save_output)
         self.down = nn.Parameter(torch.empty(bottleneck, hidden, **kw))
         self.down_bias = nn.Parameter(torch.zeros(bottleneck, **kw))
         self.up = nn.Parameter(torch.zeros(hidden, bottleneck, **kw))
@@ -23,8 +25,9 @@ class BottleneckAdapter(nn.Module):
         nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
 
     def forward(self, h: torch.Tensor, residual: "torch.Tensor | None" = None) -> torch.Tensor:
-        return ops.adapter_bottleneck(h, self.down, self.down_bias, self.up, self.up_bias,
-                                      activation=self.activation, scale=self.scale, residual=residual)
+        return ops.adapter_bottleneck(h, self.down, self.down_bias, self.up, self.up_bias, activation=self.activation,
+                                      scale=self.scale, residual=residual,
+                                      save_output=self.save_output and residual is None)
 
     def extra_repr(self) -> str:
         return (f"hidden={self.up.shape[0]}, bottleneck={self.down.shape[0]}, activation={self.activation}, "

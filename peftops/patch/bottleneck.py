@@ -43,6 +43,12 @@ def _post_forward(self, *args, **kwargs):
     return (getattr(self, CHILD)(out[0]),) + tuple(out[1:])
 
 
+def _layer_forward(self, *args, **kwargs):
+    """Pfeiffer on a pre-LN decoder layer: s -> s + A(s) on the layer's output. The next norm keeps that output for
+    its backward anyway, so the adapter keeps it too in place of s (save_output): s costs no memory."""
+    return _post_forward(self, *args, **kwargs)
+
+
 def _hand_on_input(self, x, *args, **kwargs):
     """A pre-LN layer's feed-forward norm: its input r goes on to the MLP's parallel adapter."""
     getattr(self, STREAM)[0] = x
@@ -93,10 +99,10 @@ def _layers(model):
 # (family, placement) -> [(submodule of the layer, new forward)]; "" is the layer itself. Every module listed gets an
 # adapter child but those whose forward only relays the stream (_hand_on_input).
 _PLAN = {
-    ("llama", "pfeiffer"): [("", _post_forward)],
+    ("llama", "pfeiffer"): [("", _layer_forward)],
     ("llama", "houlsby"): [("self_attn", _post_forward), ("mlp", _post_forward)],
     ("llama", "parallel"): [("post_attention_layernorm", _hand_on_input), ("mlp", _parallel_forward)],
-    ("gpt2", "pfeiffer"): [("", _post_forward)],
+    ("gpt2", "pfeiffer"): [("", _layer_forward)],
     ("gpt2", "houlsby"): [("attn", _post_forward), ("mlp", _post_forward)],
     ("gpt2", "parallel"): [("ln_2", _hand_on_input), ("mlp", _parallel_forward)],
     ("bert", "pfeiffer"): [("output", _bert_pfeiffer_forward)],
@@ -141,7 +147,8 @@ def patch_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str) ->
         if forward is not _hand_on_input:
             ref = next(module.parameters())  # the adapter lives in the sublayer's dtype and device
             module.add_module(CHILD, BottleneckAdapter(hidden, config.bottleneck, config.activation, config.scale,
-                                                       dtype=ref.dtype, device=ref.device))
+                                                       save_output=forward is _layer_forward, dtype=ref.dtype,
+                                                       device=ref.device))
         if forward in (_hand_on_input, _parallel_forward):
             setattr(module, STREAM, streams.setdefault(layer, [None]))
         replace_forward(module, forward)

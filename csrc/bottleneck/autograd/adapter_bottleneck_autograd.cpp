@@ -1,5 +1,9 @@
 // Autograd of adapter_bottleneck_forward: saves h (no copy) and the [N, m] pre-activation a, nothing else; the
-// residual's gradient is grad_out itself.
+// residual's gradient is grad_out itself. With save_output (the residual being h) it saves the output y in place of
+// h: where the model's next layer keeps y for its own backward (a pre-LN layer's output, read by the next norm), h
+// then costs nothing, and backward recovers it as y - s [f(a) | 1] [Wu | bu]^T, exact to y's rounding.
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -14,16 +18,18 @@ class AdapterBottleneckFunction : public torch::autograd::Function<AdapterBottle
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& w_down,
                                const OptTensor& b_down, const at::Tensor& w_up, const OptTensor& b_up,
-                               int64_t activation, double scale, const OptTensor& residual) {
+                               int64_t activation, double scale, const OptTensor& residual, bool save_output) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("peftops::adapter_bottleneck_forward", "")
                          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                    const OptTensor&, const at::Tensor&,
                                                                    const OptTensor&, int64_t, double,
-                                                                   const OptTensor&)>();
+                                                                   const OptTensor&, bool)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, a] = op.call(h, w_down, b_down, w_up, b_up, activation, scale, residual);
-    ctx->save_for_backward({h, a, w_down, w_up});
+    auto [out, a] = op.call(h, w_down, b_down, w_up, b_up, activation, scale, residual, save_output);
+    const bool recover = save_output && !(residual.has_value() && residual->defined());
+    ctx->save_for_backward({recover ? out : h, a, w_down, w_up, b_up.value_or(at::Tensor())});
+    ctx->saved_data["recover_h"] = recover;
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["has_b_down"] = b_down.has_value() && b_down->defined();
@@ -49,20 +55,33 @@ class AdapterBottleneckFunction : public torch::autograd::Function<AdapterBottle
     const std::array<bool, 5> mask = {ctx->needs_input_grad(e_h), ctx->needs_input_grad(e_wd),
                                       has_bd && ctx->needs_input_grad(e_bd), ctx->needs_input_grad(e_wu),
                                       has_bu && ctx->needs_input_grad(e_bu)};
-    auto [dh, dwd, dbd, dwu, dbu] = op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3],
+    at::Tensor h = s[0];
+    if (ctx->saved_data["recover_h"].toBool()) {  // h = y - s [f(a) | 1] [Wu | bu]^T
+      static auto activation_op = c10::Dispatcher::singleton()
+                                      .findSchemaOrThrow("peftops::bottleneck_activation", "")
+                                      .typed<at::Tensor(const at::Tensor&, int64_t, bool)>();
+      const auto fa = activation_op.call(s[1], ctx->saved_data["activation"].toInt(), has_bu);
+      const auto wu = has_bu ? at::cat({s[3], s[4].unsqueeze(1)}, 1) : s[3];
+      h = at::addmm(s[0].reshape({-1, s[0].size(-1)}), fa, wu.t(), 1.0, -ctx->saved_data["scale"].toDouble())
+              .view(s[0].sizes());
+    }
+    auto [dh, dwd, dbd, dwu, dbu] = op.call(grads[0].contiguous(), h, s[1], s[2], s[3],
                                             ctx->saved_data["activation"].toInt(), ctx->saved_data["scale"].toDouble(),
                                             !has_res, has_bu, mask);
     const auto pick = [](bool need, const at::Tensor& g) { return need ? g : at::Tensor(); };
     return {pick(mask[0], dh), pick(mask[1], dwd), pick(mask[2], dbd), pick(mask[3], dwu), pick(mask[4], dbu),
-            at::Tensor(), at::Tensor(), has_res && ctx->needs_input_grad(e_res) ? grads[0] : at::Tensor()};
+            at::Tensor(), at::Tensor(), has_res && ctx->needs_input_grad(e_res) ? grads[0] : at::Tensor(),
+            at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> adapter_bottleneck_forward_autograd(const at::Tensor& h, const at::Tensor& w_down,
                                                                        const OptTensor& b_down, const at::Tensor& w_up,
                                                                        const OptTensor& b_up, int64_t activation,
-                                                                       double scale, const OptTensor& residual) {
-  auto out = AdapterBottleneckFunction::apply(h, w_down, b_down, w_up, b_up, activation, scale, residual);
+                                                                       double scale, const OptTensor& residual,
+                                                                       bool save_output) {
+  auto out = AdapterBottleneckFunction::apply(h, w_down, b_down, w_up, b_up, activation, scale, residual,
+                                              save_output);
   return {out[0], out[1]};
 }
 
