@@ -253,3 +253,48 @@ def test_number_arguments_are_named(call, error, match, value):
 def test_flags_must_be_bools(call, match):
     with pytest.raises(TypeError, match=match):
         call()
+
+
+def _autocast_cases():
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape, grad=False):
+        return torch.randn(*shape, generator=g).requires_grad_(grad)
+
+    x, w, b, a, bb = r(6, 8, grad=True), r(5, 8), r(5, grad=True), r(2, 8, grad=True), r(5, 2, grad=True)
+    q, k, v = (r(2, 2, 4, 8, grad=True) for _ in range(3))
+    return {
+        "lora_linear": lambda: ops.lora_linear(x, w, b, a, bb, 0.5),
+        "dora_linear": lambda: ops.dora_linear(x, w, b, a, bb, torch.rand(5, generator=g) + 0.5, 0.5),
+        "multi_lora_linear": lambda: ops.multi_lora_linear(x, w, b, r(2, 2, 8, grad=True), r(2, 5, 2), torch.ones(2),
+                                                           torch.tensor([0, 1, -1, 0, 1, 0])),
+        "bias_linear": lambda: ops.bias_linear(x, w, b),
+        "ia3_linear": lambda: ops.ia3_linear(x, w, b, r(5, grad=True)),
+        "ia3_linear widening": lambda: ops.ia3_linear(r(6, 3, grad=True), r(9, 3), None, r(9, grad=True)),
+        "ia3_glu_linear": lambda: ops.ia3_glu_linear(x, x * 2, w, b, r(8, grad=True)),
+        "adapter_bottleneck": lambda: ops.adapter_bottleneck(x, r(3, 8, grad=True), r(3), r(8, 3, grad=True), r(8)),
+        "prefix_attention": lambda: ops.prefix_attention(q, k, v, r(2, 3, 8, grad=True), r(2, 3, 8), is_causal=True),
+        # a bf16 sublayer output with a float32 bias and residual (mixed: an error outside autocast)
+        "bias_dropout_add": lambda: ops.bias_dropout_add(x.bfloat16() if torch.is_autocast_enabled("cpu") else
+                                                         x.bfloat16().float(), b.new_ones(8), x, 0.0),
+    }
+
+
+@pytest.mark.parametrize("backward_inside", [False, True])
+@pytest.mark.parametrize("name", list(_autocast_cases()))
+def test_every_op_under_cpu_autocast(name, backward_inside):
+    # As nn.Linear and SDPA: the linear and attention ops run in the autocast dtype (their operands cast once), the
+    # elementwise bias_dropout_add promotes; the kernels' own products are not cast again, in forward or in a backward
+    # run inside the autocast region; gradients reach the float32 leaves in float32.
+    torch.manual_seed(0)
+    expected = _autocast_cases()[name]()
+    torch.manual_seed(0)
+    call = _autocast_cases()[name]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = call()
+        if backward_inside:
+            y.float().square().sum().backward()
+    if not backward_inside:
+        y.float().square().sum().backward()
+    assert y.dtype == (torch.float32 if name == "bias_dropout_add" else torch.bfloat16)
+    torch.testing.assert_close(y.float(), expected.float(), rtol=0.05, atol=0.05 * expected.abs().max().item())

@@ -1,7 +1,6 @@
 // Schema of the LoRA op family and its public, composite entry point (torchvision's csrc/ops/ layout).
 #include "lora_linear.h"
 
-#include <ATen/autocast_mode.h>
 #include <ATen/ops/randint.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -15,7 +14,7 @@ namespace peftops::lora {
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p,
-                  const char* op, bool check_dtypes) {
+                  const char* op) {
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have shape [..., in_features], got a 0-d tensor");
   check_weight(weight, op);
   TORCH_CHECK_VALUE(lora_a.dim() == 2, op, ": lora_a must be 2-D [r, in], got shape ", lora_a.sizes());
@@ -26,15 +25,11 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
   TORCH_CHECK_VALUE(lora_a.size(1) == in, op, ": lora_a must be [r, ", in, "], got shape ", lora_a.sizes());
   TORCH_CHECK_VALUE(lora_b.size(0) == out && lora_b.size(1) == r, op, ": lora_b must be [", out, ", ", r,
                     "] (out, r of lora_a), got shape ", lora_b.sizes());
-  TORCH_CHECK_VALUE(!bias.has_value() || !bias->defined() || (bias->dim() == 1 && bias->size(0) == out), op,
-                    ": bias must be [", out, "], got shape ", bias->sizes());
-  if (check_dtypes) {
-    check_float(x, op, "x");
-    check_like(weight, x, op, "weight", "x");
-    check_like(lora_a, x, op, "lora_a", "x");
-    check_like(lora_b, x, op, "lora_b", "x");
-    if (bias.has_value() && bias->defined()) check_like(*bias, x, op, "bias", "x");
-  }
+  check_float(x, op, "x");
+  check_like(weight, x, op, "weight", "x");
+  check_like(lora_a, x, op, "lora_a", "x");
+  check_like(lora_b, x, op, "lora_b", "x");
+  check_bias(bias, out, x, op, "x");
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
 }
@@ -46,10 +41,7 @@ at::Tensor as_rows(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}); }
 static at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p,
                               bool training) {
-  // Under torch.autocast the forward's autocast kernel casts the operands first, as F.linear's does; the forward
-  // kernel checks their dtypes after the cast.
-  check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p, "lora_linear",
-               !at::autocast::is_autocast_enabled(x.device().type()));
+  check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p);
   std::optional<at::Tensor> seed;
   if (training && dropout_p > 0.0) {
     seed = at::randint(std::numeric_limits<int64_t>::max(), {}, x.options().dtype(at::kLong));

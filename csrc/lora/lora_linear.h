@@ -5,11 +5,10 @@
 
 namespace peftops::lora {
 
-// Validates the public arguments of lora_linear; every message names the argument at fault. Dtypes are left out
-// when check_dtypes is false (under torch.autocast, which casts the operands before the forward checks them).
+// Validates the public arguments of lora_linear; every message names the argument at fault.
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p,
-                  const char* op = "lora_linear", bool check_dtypes = true);
+                  const char* op = "lora_linear");
 
 // Flattens x [..., in] to 2-D rows without copying where the strides allow it.
 at::Tensor as_rows(const at::Tensor& x);
