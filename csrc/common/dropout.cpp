@@ -18,7 +18,10 @@ Dropout make_dropout(double p, const std::optional<at::Tensor>& seed, uint64_t o
     d.active = true;
     d.threshold = dropout_threshold(p);
     d.keep_scale = 1.0 / (1.0 - p);
-    if (seed->device().is_cpu()) d.seed = static_cast<uint64_t>(seed->item<int64_t>());
+    // read here on the host; CUDA kernels read their seed on the device and never come here with one
+    TORCH_CHECK_VALUE(seed->is_cpu() && seed->numel() == 1, "dropout: the seed must be one CPU int64 for CPU "
+                      "inputs, got ", seed->numel(), " elements on ", seed->device());
+    d.seed = static_cast<uint64_t>(seed->item<int64_t>());
   }
   return d;
 }

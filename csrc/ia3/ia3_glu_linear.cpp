@@ -55,7 +55,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ia3_glu_linear_backward(const Tensor&
   Tensor da = empty(), db = empty(), dbias = empty(), dl = empty();
   if (need_a || need_b || need_scale) {
     const auto g = at::mm(dy, weight);  // the gradient of the scaled input
-    if (need_scale) dl = at::mul(g, at::mul(a2, b2)).sum(0, false, acc).to(scale.scalar_type());
+    if (need_scale) dl = at::mul(g.to(acc), at::mul(a2, b2)).sum(0).to(scale.scalar_type());  // product in fp32
     if (need_a || need_b) {
       const auto gl = at::mul(g, scale);
       if (need_a) da = at::mul(gl, b2).view(a.sizes());

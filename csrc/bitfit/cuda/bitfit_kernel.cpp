@@ -24,7 +24,11 @@ std::tuple<at::Tensor, at::Tensor> bias_linear_backward_cuda(const at::Tensor& g
           output_mask[1] ? dy.sum(0) : at::empty({0}, grad_out.options())};
 }
 
-at::Tensor rows(const at::Tensor& t) { return t.contiguous().view({-1, t.size(-1)}); }
+// [rows, H] (explicit row count: a view cannot infer -1 when H is 0)
+at::Tensor rows(const at::Tensor& t) {
+  const auto H = t.size(-1);
+  return t.contiguous().view({H ? t.numel() / H : 0, H});
+}
 
 at::Tensor bias_dropout_add_forward_cuda(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual,
                                          double p, const std::optional<at::Tensor>& seed) {

@@ -1,5 +1,6 @@
 // IA3 on CUDA: cuBLAS for the product, ATen's fused elementwise and reduction kernels for the scaling and the
 // vector gradients; the base output the output scaling's gradient needs is kept or recomputed (autograd's choice).
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -43,22 +44,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ia3_linear_backward_cuda(
     return x->reshape({-1, x->size(-1)});
   };
   const auto empty = [&] { return at::empty({0}, grad_out.options()); };
+  // the column sums' products in float32 (a 16-bit product rounds, or overflows in float16, before the sum)
+  const auto dt = grad_out.scalar_type(), acc = at::toOpMathType(dt);
   at::Tensor dx = empty(), db = empty(), dl = empty();
   if (feedforward) {
     if (need_x || need_scale) {
       const auto g = at::mm(dy, weight);
       if (need_x) dx = at::mul(g, scale).view(x_shape);
-      if (need_scale) dl = at::mul(g, x2()).sum(0);
+      if (need_scale) dl = at::mul(g.to(acc), x2()).sum(0).to(dt);
     }
-    if (need_bias) db = dy.sum(0);
+    if (need_bias) db = dy.sum(0, false, acc).to(dt);
   } else {
     if (need_x) dx = at::mm(at::mul(dy, scale), weight).view(x_shape);
     if (need_scale) {
       const auto z = base.has_value() && base->defined() ? base->reshape({-1, base->size(-1)})
                                                          : base_product(x2(), weight, bias);
-      dl = at::mul(dy, z).sum(0);
+      dl = at::mul(dy.to(acc), z).sum(0).to(dt);
     }
-    if (need_bias) db = dy.sum(0).mul_(scale);
+    if (need_bias) db = dy.sum(0, false, acc).mul_(scale).to(dt);
   }
   return {dx, db, dl};
 }
