@@ -1,7 +1,8 @@
 """Prefix-tuning adapter files in peft's format: `adapter_config.json` (a peft PrefixTuningConfig) and
 `adapter_model.safetensors` holding `prompt_embeddings` [P, layers * 2 * Hkv * D] (peft's layout, see
-peftops.patch.prefix) and, for a classification model, its head (peft's modules_to_save, which peft needs there). With `prefix_projection` peft saves the MLP's output, not the MLP, and so do we: such a file
-loads onto a model patched without projection (as peft loads it in inference mode)."""
+peftops.patch.prefix) and, for a classification model, its head (peft's modules_to_save, which peft needs there).
+With `prefix_projection` peft saves the MLP's output, not the MLP, and so do we: such a file loads onto a model patched
+without projection (as peft loads it in inference mode)."""
 import json
 import os
 

@@ -27,7 +27,8 @@ def as_float(op: str, name: str, value) -> float:
 
 
 def check_flag(op: str, name: str, value) -> bool:
-    """A bool keyword (`training`, `is_causal`, `feedforward`); TypeError naming it otherwise (None is not False)."""
+    """A bool keyword (`training`, `is_causal`, `feedforward`, `save_output`); TypeError naming it otherwise (None is
+    not False)."""
     if not isinstance(value, bool):
         raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
     return value

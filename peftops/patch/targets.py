@@ -91,7 +91,8 @@ def find_targets(model: nn.Module, targets, explicit: bool, technique: str = "Lo
     if unsupported:
         raise ValueError(f"target_modules {targets!r} name modules {technique} cannot adapt (it adapts nn.Linear and "
                          f"transformers' Conv1D): {unsupported}")
-    never_called = [n for n, m in found if id(m) in _read_directly(model)]
+    read_directly = _read_directly(model)
+    never_called = [n for n, m in found if id(m) in read_directly]
     if never_called:
         raise ValueError(f"target_modules {targets!r} name the out_proj of an nn.MultiheadAttention, which reads its "
                          f"weight directly and never calls it, so {technique} there would have no effect: "
