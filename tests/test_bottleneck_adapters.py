@@ -229,3 +229,37 @@ def test_pfeiffer_on_pre_ln_layers_keeps_no_copy_of_the_layer_output(family):
         assert_close(g, g_h, 1e-5, "adapter grad")
     hidden = model.config.hidden_size
     assert saved_h - saved == len(adapters) * ids.numel() * hidden * 4
+
+
+def test_pfeiffer_output_saving_holds_under_autocast_and_stays_off_in_16_bit():
+    # The input's recovery in backward is never autocast (forward outside a region, backward inside); a 16-bit
+    # model keeps the input instead (the output's rounding would carry into it).
+    model = peftops.patch(BUILDERS["llama"](), AdapterConfig(bottleneck=4, placement="pfeiffer"))
+    randomize(model)
+    ids = input_ids()
+    loss_of(output(model, ids)).backward()
+    expected = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", enabled=False):
+            loss = loss_of(output(model, ids))
+        loss.backward()
+    for g, e in zip([p.grad for p in model.parameters() if p.requires_grad], expected):
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-6)  # the model's own backward ran under autocast
+    from peftops.profiling import saved_bytes
+    half = model.to(torch.bfloat16)
+    adapters = [m for m in half.modules() if isinstance(m, BottleneckAdapter)]
+    saved = []
+    for flag in (True, False):
+        for a in adapters:
+            a.save_output = flag
+        saved.append(saved_bytes(lambda: output(half, ids), exclude=list(half.parameters()))[1])
+    assert saved[0] == saved[1]
+
+
+def test_parallel_on_gemma_style_layers_reads_the_mlp_norms_input():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    peftops.patch(model, AdapterConfig(bottleneck=4, placement="parallel"))
+    assert [n.rsplit(".", 1)[-1] for n in get_state(model).relay_names] == ["pre_feedforward_layernorm"] * 2

@@ -332,3 +332,14 @@ def test_smollm2_matches_peft():
     am[1, :5] = 0
     assert_close(ours(input_ids=ids, attention_mask=am).logits, ref(input_ids=ids, attention_mask=am).logits, 1e-4,
                  what="logits")
+
+
+def test_roberta_style_positions_are_refused():
+    # RoBERTa numbers positions from padding_idx + 1 over the real tokens (and, with peft's prefix in the cache,
+    # after it): not the shift peftops applies, so a clear error rather than other numbers.
+    from transformers import RobertaConfig, RobertaModel
+    model = RobertaModel(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=48, pad_token_id=1))
+    with pytest.raises(ValueError, match="RoBERTa"):
+        peftops.patch(model, peftops.PrefixConfig(P))
+    assert not any(p.requires_grad is False for p in model.parameters())

@@ -116,6 +116,8 @@ def _plan(model, placement: str) -> list:
     plan = []
     for family, name, layer in _layers(model):
         for sub, forward in _PLAN[family, placement]:
+            if sub == "post_attention_layernorm" and hasattr(layer, "pre_feedforward_layernorm"):
+                sub = "pre_feedforward_layernorm"  # Gemma-style layers norm the MLP input with their own norm
             plan.append((".".join(n for n in (name, sub) if n), forward, name))
     if not plan:
         kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__

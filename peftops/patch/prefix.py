@@ -273,6 +273,12 @@ def patch_prefix(model: nn.Module, config: PrefixConfig, adapter_name: str) -> n
         raise ValueError(f"prefix tuning patches transformers models, not {type(model).__name__}")
     num_layers, num_kv, head_dim = _shape(model)
     found, through_registry = _attention_modules(model, num_layers)
+    embeddings = getattr(model.base_model, "embeddings", None)
+    if getattr(embeddings, "padding_idx", None) is not None and hasattr(embeddings, "position_embeddings"):
+        # RoBERTa-style positions count from padding_idx + 1 over the real tokens and, with peft's prefix in the
+        # cache, after it: not the positions _shift_positions gives, so refused rather than computed differently
+        raise ValueError(f"prefix tuning does not support {type(embeddings).__name__}'s padding-based position ids "
+                         "(RoBERTa-style models)")
     register()
 
     P, dtype = config.num_virtual_tokens, next(model.parameters()).dtype

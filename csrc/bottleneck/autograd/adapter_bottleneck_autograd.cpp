@@ -4,6 +4,8 @@
 // then costs nothing, and backward recovers it as y - s [f(a) | 1] [Wu | bu]^T, exact to y's rounding.
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/cat.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -56,7 +58,8 @@ class AdapterBottleneckFunction : public torch::autograd::Function<AdapterBottle
                                       has_bd && ctx->needs_input_grad(e_bd), ctx->needs_input_grad(e_wu),
                                       has_bu && ctx->needs_input_grad(e_bu)};
     at::Tensor h = s[0];
-    if (ctx->saved_data["recover_h"].toBool()) {  // h = y - s [f(a) | 1] [Wu | bu]^T
+    if (ctx->saved_data["recover_h"].toBool()) {  // h = y - s [f(a) | 1] [Wu | bu]^T, in y's dtype, never autocast
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
       static auto activation_op = c10::Dispatcher::singleton()
                                       .findSchemaOrThrow("peftops::bottleneck_activation", "")
                                       .typed<at::Tensor(const at::Tensor&, int64_t, bool)>();
