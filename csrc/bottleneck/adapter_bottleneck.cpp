@@ -20,6 +20,7 @@
 
 #include "../common/activations.h"
 #include "../common/checks.h"
+#include "adapter_bottleneck.h"
 
 namespace peftops::bottleneck {
 namespace {
@@ -85,11 +86,9 @@ std::tuple<Tensor, Tensor> adapter_bottleneck_forward(const Tensor& h, const Ten
   check_inputs(h, w_down, b_down, w_up, b_up, residual);
   const auto h2 = rows(h);
   const auto a = has(b_down) ? at::addmm(*b_down, h2, w_down.t()) : at::mm(h2, w_down.t());
-  const auto fa = activation_op().call(a, activation, has(b_up));  // [N, m (+1 column of ones)]
-  const auto wu = has(b_up) ? at::cat({w_up, b_up->unsqueeze(1)}, 1) : w_up;
   auto out_shape = h.sizes().vec();
   out_shape.back() = w_up.size(0);
-  auto y = at::addmm(has(residual) ? rows(*residual) : h2, fa, wu.t(), 1.0, scale);
+  auto y = add_update(has(residual) ? rows(*residual) : h2, a, w_up, b_up, activation, scale);
   return {y.view(out_shape), a};
 }
 
@@ -132,6 +131,13 @@ Tensor adapter_bottleneck(const Tensor& h, const Tensor& w_down, const OptTensor
 }
 
 }  // namespace
+
+at::Tensor add_update(const Tensor& base, const Tensor& a, const Tensor& w_up, const OptTensor& b_up,
+                      int64_t activation, double scale) {
+  const auto fa = activation_op().call(a, activation, has(b_up));  // [N, m (+1 column of ones)]
+  const auto wu = has(b_up) ? at::cat({w_up, b_up->unsqueeze(1)}, 1) : w_up;
+  return at::addmm(base, fa, wu.t(), 1.0, scale);
+}
 
 TORCH_LIBRARY_FRAGMENT(peftops, m) {
   m.def("adapter_bottleneck(Tensor h, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, *, "

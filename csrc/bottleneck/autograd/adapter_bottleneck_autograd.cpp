@@ -2,12 +2,12 @@
 // residual's gradient is grad_out itself. With save_output (the residual being h) it saves the output y in place of
 // h: where the model's next layer keeps y for its own backward (a pre-LN layer's output, read by the next norm), h
 // then costs nothing, and backward recovers it as y - s [f(a) | 1] [Wu | bu]^T, exact to y's rounding.
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/cat.h>
 #include <c10/core/DispatchKeySet.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "../adapter_bottleneck.h"
 
 namespace peftops::bottleneck {
 namespace {
@@ -60,12 +60,8 @@ class AdapterBottleneckFunction : public torch::autograd::Function<AdapterBottle
     at::Tensor h = s[0];
     if (ctx->saved_data["recover_h"].toBool()) {  // h = y - s [f(a) | 1] [Wu | bu]^T, in y's dtype, never autocast
       c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-      static auto activation_op = c10::Dispatcher::singleton()
-                                      .findSchemaOrThrow("peftops::bottleneck_activation", "")
-                                      .typed<at::Tensor(const at::Tensor&, int64_t, bool)>();
-      const auto fa = activation_op.call(s[1], ctx->saved_data["activation"].toInt(), has_bu);
-      const auto wu = has_bu ? at::cat({s[3], s[4].unsqueeze(1)}, 1) : s[3];
-      h = at::addmm(s[0].reshape({-1, s[0].size(-1)}), fa, wu.t(), 1.0, -ctx->saved_data["scale"].toDouble())
+      h = add_update(s[0].reshape({-1, s[0].size(-1)}), s[1], s[3], s[4], ctx->saved_data["activation"].toInt(),
+                     -ctx->saved_data["scale"].toDouble())
               .view(s[0].sizes());
     }
     auto [dh, dwd, dbd, dwu, dbu] = op.call(grads[0].contiguous(), h, s[1], s[2], s[3],
