@@ -47,24 +47,30 @@ def _plain(module: BottleneckAdapter):
     return forward
 
 
+def small_llama_with_adapters(placement, activation, impl):
+    """The small Llama with adapters at reduction factor 16, computed by peftops ("peftops") or, at the same place,
+    in plain PyTorch ("torch"); `up` given values (it is zero at init) so that every product carries data."""
+    model = _small_llama().train()
+    peftops.patch(model, peftops.AdapterConfig(bottleneck=model.config.hidden_size // 16, placement=placement,
+                                               activation=activation))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, BottleneckAdapter):
+                m.up.normal_(0, 0.02)
+                if impl == "torch":
+                    m.forward = _plain(m)
+    return model
+
+
 @pytest.mark.parametrize("impl", ["peftops", "torch", "frozen"])
 @pytest.mark.parametrize("placement, activation", [("pfeiffer", "relu"), ("houlsby", "silu")])
 def test_model_small_llama(benchmark, request, placement, activation, impl):
     batch, seq = 4, 128
     benchmark.group = f"bottleneck {placement} small_llama train cpu fp32 b{batch} s{seq}"
-    model = _small_llama().train()
     if impl == "frozen":
-        frozen_baseline(model)
+        model = frozen_baseline(_small_llama().train())
     else:
-        config = peftops.AdapterConfig(bottleneck=model.config.hidden_size // 16, placement=placement,
-                                       activation=activation)
-        peftops.patch(model, config)
-        with torch.no_grad():  # up is zero at init: give it values so every product carries data
-            for m in model.modules():
-                if isinstance(m, BottleneckAdapter):
-                    m.up.normal_(0, 0.02)
-                    if impl == "torch":
-                        m.forward = _plain(m)
+        model = small_llama_with_adapters(placement, activation, impl)
     ids = torch.randint(model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     step, forward, params, frozen = _model_step(model, ids)
     run(benchmark, request, step, forward, params, frozen, family=f"bottleneck_{placement}_small_llama", impl=impl,

@@ -11,23 +11,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benches")]  # this checkout (built in place) and the bench helpers
-import peftops  # noqa: E402
-from bench_bottleneck import _model_step, _plain, _small_llama  # noqa: E402
+from bench_bottleneck import _model_step, small_llama_with_adapters  # noqa: E402
 from interleave import interleaved  # noqa: E402
-from peftops.layers import BottleneckAdapter  # noqa: E402
 
 
 def step(placement, activation, impl):
     torch.manual_seed(0)
-    model = _small_llama().train()
-    peftops.patch(model, peftops.AdapterConfig(bottleneck=model.config.hidden_size // 16, placement=placement,
-                                               activation=activation))
-    with torch.no_grad():  # up is zero at init: give it values so every product carries data
-        for m in model.modules():
-            if isinstance(m, BottleneckAdapter):
-                m.up.normal_(0, 0.02)
-                if impl == "torch":
-                    m.forward = _plain(m)
+    model = small_llama_with_adapters(placement, activation, impl)
     ids = torch.randint(model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
     return _model_step(model, ids)[0]
 
