@@ -64,7 +64,7 @@ def test_second_derivative_is_an_error_not_zero(op):
 
 @pytest.mark.parametrize("shape", [(1, 2, 0, 8), (0, 2, 3, 8)])
 def test_prefix_attention_empty_queries(shape):
-    # ATen's CPU flash kernel divides by the query count: an empty q must not reach it
+    # no query rows (or no batch rows): an empty output, and gradients of the right shapes
     q = torch.randn(shape, requires_grad=True)
     k = torch.randn(shape[0], 2, 5, 8, requires_grad=True)
     pk, pv = torch.randn(2, 4, 8, requires_grad=True), torch.randn(2, 4, 8, requires_grad=True)
@@ -190,8 +190,8 @@ def _prefix_reference(q, k, v, pk, pv, is_causal):
                                                 ("k", 2, 1, 2, False), ("k", 2, 1, 2, True), ("k", 3, 4, 2, True),
                                                 ("v", 2, 3, 2, False), ("v", 3, 2, 2, True)])
 def test_prefix_attention_propagates_nan_as_softmax(monkeypatch, dense, where, L, S, P, causal):
-    # ATen's CPU flash kernel takes a row of NaN scores for a fully masked one (output 0); softmax gives NaN. Keys
-    # that a row cannot see (causal) leave it alone.
+    # A NaN score makes its row NaN, as softmax does (ATen's CPU flash kernel, which the op ran on before, took such a
+    # row for a fully masked one: output 0). Keys that a row cannot see (causal) leave it alone.
     monkeypatch.setenv("PEFTOPS_PREFIX_DENSE", dense)
     g = torch.Generator().manual_seed(L * 100 + S * 10 + P)
     t = {"q": torch.randn(1, 1, L, 16, generator=g), "k": torch.randn(1, 1, S, 16, generator=g),

@@ -55,11 +55,11 @@ def test_matches_sdpa_over_the_concatenation(device, case, pad, causal):
         compare(args, dtype, None if mask is None else mask.to(device), causal)
 
 
-@pytest.mark.parametrize("path", ["flash", "dense"])
+@pytest.mark.parametrize("path", ["cpu_kernel", "dense"])
 @pytest.mark.parametrize("case", CASES)
 def test_cpu_paths_on_attentions_transposed_views(monkeypatch, path, case):
-    """The CPU runs both segments on ATen's flash kernel; PEFTOPS_PREFIX_DENSE=1 runs the dense code that CUDA runs.
-    Both match the reference on the transposed views attention hands over, and write SDPA's output layout."""
+    """The CPU runs its blocked kernel; PEFTOPS_PREFIX_DENSE=1 runs the dense code that CUDA runs. Both match the
+    reference on the transposed views attention hands over, and write SDPA's output layout."""
     if path == "dense":
         monkeypatch.setenv("PEFTOPS_PREFIX_DENSE", "1")
     B, Hq, Hkv, L, S, P, D = case
@@ -73,6 +73,22 @@ def test_cpu_paths_on_attentions_transposed_views(monkeypatch, path, case):
         compare((q, k, v, pk, pv), dtype, mask, causal)
         y = peftops.ops.prefix_attention(q, k, v, pk, pv, attn_mask=mask, is_causal=causal)
         assert y.transpose(1, 2).is_contiguous()  # [B, L, Hq, D] in memory: attention's reshape back is free
+
+
+@pytest.mark.parametrize("case,pad", [
+    ((2, 4, 2, 300, 300, 7, 16), "left"),   # three blocks of query rows (128 each), causal cuts at each
+    ((1, 2, 1, 130, 390, 3, 8), "right"),   # decoding a chunk against a longer cache: causal aligned to the end
+    ((2, 2, 2, 257, 200, 5, 8), None),      # more queries than keys: the first rows see only the prefix
+    ((1, 3, 3, 129, 129, 1, 72), "left"),   # a block of one row, a head dim past the vector width
+])
+@pytest.mark.parametrize("causal", [False, True])
+def test_many_blocks_of_query_rows(device, case, pad, causal):
+    # the CPU kernel works in blocks of 128 query rows and cuts a causal block's keys at its last row's
+    gen = torch.Generator().manual_seed(sum(case) + causal)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        args = operands(device, dtype, case, per_row=case[0] == 1, gen=gen)
+        mask = padding(pad, case[0], case[4], gen)
+        compare(args, dtype, None if mask is None else mask.to(device), causal)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -1,24 +1,20 @@
 // Attention over trainable prefix keys/values shared by every batch row, plus each row's own keys, without
-// building cat([prefix, k]) or a per-row copy of the prefix (KERNELS.md, "Prefix attention"), as two segments merged
-// exactly by their log-sum-exp:
-//   on the CPU both run on ATen's flash kernel (tiled online softmax, no [L, P + S] matrix), which reads q, k, v in
-//     the layout attention hands them over and each kv head once for its G query heads; the prefix is given to it as
-//     a [B, Hkv, P, D] view with batch stride 0 (the same memory for every row);
-//   elsewhere (CUDA) the prefix segment is one batched GEMM per batch row over the query heads against the shared
-//     prefix (repeated over the G heads of a kv head, never over rows), the sequence segment a dense fallback.
-// The output is written in SDPA's layout, so no relayout copies are made around the op. Backward recomputes both
-// segments' probabilities from the saved merged LSE (FlashAttention's formulas with D = rowsum(dO o O)); the prefix
-// gradients are reduced over the batch.
+// building cat([prefix, k]) or a per-row copy of the prefix (KERNELS.md, "Prefix attention"):
+//   on the CPU, cpu/prefix_attention_kernel.cpp: blocks of query rows against [prefix | their visible keys], one
+//     softmax over both, causal blocks cut at their last visible key;
+//   elsewhere (CUDA), here: two segments merged exactly by their log-sum-exp. The prefix segment is one batched GEMM
+//     per batch row over the query heads against the shared prefix (repeated over the G heads of a kv head, never
+//     over rows), the sequence segment a dense fallback.
+// The output is written in SDPA's layout, so no relayout copies are made around the op. Backward recomputes the
+// probabilities from the saved merged LSE (FlashAttention's formulas with D = rowsum(dO o O)); the prefix gradients
+// are reduced over the batch.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
-#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/exp.h>
 #include <ATen/ops/full.h>
-#include <ATen/ops/isfinite.h>
 #include <ATen/ops/logaddexp.h>
 #include <ATen/ops/logsumexp.h>
 #include <ATen/ops/matmul.h>
@@ -36,6 +32,7 @@
 #include <limits>
 
 #include "../common/checks.h"
+#include "prefix_attention.h"
 
 namespace peftops::prefix {
 namespace {
@@ -78,11 +75,6 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   for (const auto& [t, name] : others) check_like(*t, q, "prefix_attention", name, "q");
 }
 
-struct Shapes {
-  int64_t B, Hq, Hkv, G, L, S, P, D;
-  double scale;
-};
-
 Shapes shapes(const Tensor& q, const Tensor& k, const Tensor& pk, std::optional<double> scale) {
   Shapes s{q.size(0), q.size(1), k.size(1), q.size(1) / k.size(1), q.size(2), k.size(2), pk.size(-2), q.size(3), 0.0};
   s.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(s.D));
@@ -115,29 +107,15 @@ Tensor additive(const Tensor& visible, const Tensor& like) {
   return at::zeros(visible.sizes(), like.options()).masked_fill_(visible.logical_not(), -kInf);
 }
 
-// Whether both segments run on ATen's CPU flash kernel (else the dense path, which CUDA runs; PEFTOPS_PREFIX_DENSE=1
-// forces it on the CPU too, so that the CPU tests exercise the code the GPU runs). Not for empty queries, which the
-// flash kernel divides by, nor for a NaN or an infinity in q or the keys: the flash kernel takes a row of NaN scores
-// for a fully masked one (output 0), where softmax gives NaN; the dense path propagates them as softmax does. One
-// sum each over q and the keys finds them (or an overflow to inf, which only sends finite inputs down the dense path).
-bool use_flash(const Tensor& q, const Tensor& k, const Tensor& pk) {
+// Whether the CPU kernel runs (else the dense path, which CUDA runs; PEFTOPS_PREFIX_DENSE=1 forces it on the CPU
+// too, so that the CPU tests exercise the code the GPU runs).
+bool cpu_kernel(const Tensor& q) {
   const char* dense = std::getenv("PEFTOPS_PREFIX_DENSE");
-  if (!q.is_cpu() || q.numel() == 0 || (dense && dense[0] == '1')) return false;
-  return at::isfinite(q.sum().add_(k.sum()).add_(pk.sum())).item<bool>();  // a NaN or an inf anywhere spoils it
+  return q.is_cpu() && !(dense && dense[0] == '1');
 }
-
-// Flash attention's own causal mode (top-left aligned) equals ours (aligned to the end) when L == S; it skips the
-// masked blocks instead of reading a dense mask. Usable when that is the only masking. CPU only: elsewhere the
-// dense path masks explicitly.
-bool flash_causal(bool flash, const Shapes& s, const OptTensor& attn_mask, bool is_causal) {
-  return flash && is_causal && !has(attn_mask) && s.L == s.S;
-}
-
-// The shared prefix as a [B, Hkv, P, D] view with batch stride 0: every row reads the same memory, nothing is copied.
-Tensor batch_view(const Tensor& t, const Shapes& s) { return t.dim() == 4 ? t : t.expand({s.B, s.Hkv, s.P, s.D}); }
 
 // t [B, H, L, D] laid out as [B, L, H, D] in memory (SDPA's layout, which the fake kernels promise): t itself when it
-// already is (the flash kernel's outputs), else a copy.
+// already is, else a copy.
 Tensor in_sdpa_layout(const Tensor& t) {
   const auto B = t.size(0), H = t.size(1), L = t.size(2), D = t.size(3);
   if (t.strides() == at::IntArrayRef({L * H * D, D, H * D, 1})) return t;
@@ -181,27 +159,16 @@ Tensor head_reduce(const Tensor& a, const Tensor& c, const Shapes& s, bool per_r
   return out;
 }
 
-// Sequence segment: (o [B, Hq, L, D] (any strides), lse [B, Hq, L] float, -inf where no key is visible). On the CPU,
-// ATen's flash kernel reads q, k, v in place, each kv head once for its G query heads (grouped-query attention
-// natively, causal blocks skipped); elsewhere the grouped rows against the keys with a transient [GL, S] matrix.
+// Sequence segment: (o [B, Hq, L, D], lse [B, Hq, L] float, -inf where no key is visible): the grouped rows against
+// the keys with a transient [GL, S] matrix.
 std::tuple<Tensor, Tensor> sequence_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& visible,
-                                              bool flash, bool causal, const Shapes& s) {
+                                              const Shapes& s) {
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor o, lse;
-  if (flash && s.S > 0) {
-    const auto bias = additive(visible, q);
-    std::tie(o, lse) = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
-                                                                       bias.defined() ? OptTensor(bias) : std::nullopt,
-                                                                       s.scale);
-    lse = lse.to(acc);
-    if (visible.defined()) lse.masked_fill_(visible.any(-1).logical_not(), -kInf);  // [B, 1, L] over the heads
-    return {o, lse};
-  }
   const auto qg = grouped(q.contiguous(), s), vis = grouped_rows(visible, s);
   auto z = at::matmul(qg.to(acc), k.to(acc).transpose(-1, -2)).mul_(s.scale);
   if (vis.defined()) z.masked_fill_(vis.logical_not(), -kInf);  // a hidden NaN score is hidden, as in softmax
-  lse = at::logsumexp(z, {-1});
-  o = at::matmul(at::exp(z.sub_(lse.unsqueeze(-1))).nan_to_num_(0.0), v.to(acc)).to(q.scalar_type());
+  auto lse = at::logsumexp(z, {-1});
+  auto o = at::matmul(at::exp(z.sub_(lse.unsqueeze(-1))).nan_to_num_(0.0), v.to(acc)).to(q.scalar_type());
   if (vis.defined()) lse.masked_fill_(vis.any(-1).logical_not(), -kInf);
   return {o.view(q.sizes()), lse.view({s.B, s.Hq, s.L})};
 }
@@ -211,32 +178,19 @@ std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tenso
                                                     bool is_causal, std::optional<double> scale) {
   check_inputs(q, k, v, pk, pv, attn_mask, scale);
   const auto s = shapes(q, k, pk, scale);
+  if (cpu_kernel(q)) return cpu::forward(q, k, v, pk, pv, attn_mask, is_causal, s);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const bool flash = use_flash(q, k, pk);
-  // prefix segment: every key visible
-  Tensor o_p, lse_p;
-  if (flash) {  // the flash kernel over the stride-0 batch view of the prefix: no [L, P] matrix formed
-    std::tie(o_p, lse_p) = at::_scaled_dot_product_flash_attention_for_cpu(q, batch_view(pk, s), batch_view(pv, s), 0.0,
-                                                                           false, std::nullopt, s.scale);
-    lse_p = lse_p.to(acc);
-  } else {  // per batch row, one batched GEMM over the query heads against the shared prefix
-    auto p = head_gemm(q.to(acc), per_query_head(pk.to(acc), s).transpose(-1, -2), s, s.scale);
-    lse_p = at::logsumexp(p, {-1});
-    o_p = head_gemm(p.sub_(lse_p.unsqueeze(-1)).exp_(), per_query_head(pv.to(acc), s), s);
-  }
-  const bool causal = flash_causal(flash, s, attn_mask, is_causal);
-  const auto visible = causal ? Tensor() : visible_keys(s, attn_mask, is_causal, q);
-  const auto [o_s, lse_s] = sequence_attention(q, k, v, visible, flash, causal, s);
+  // prefix segment, every key visible: per batch row, one batched GEMM over the query heads against the shared prefix
+  auto p = head_gemm(q.to(acc), per_query_head(pk.to(acc), s).transpose(-1, -2), s, s.scale);
+  const auto lse_p = at::logsumexp(p, {-1});
+  const auto o_p = head_gemm(p.sub_(lse_p.unsqueeze(-1)).exp_(), per_query_head(pv.to(acc), s), s);
+  const auto [o_s, lse_s] = sequence_attention(q, k, v, visible_keys(s, attn_mask, is_causal, q), s);
   // merge by log-sum-exp; a segment with no visible key has lse = -inf and weight 0. The output is laid out as
   // [B, L, Hq, D] in memory, as SDPA's, so that attention's transpose back to [B, L, Hq * D] is free.
   const auto lse = at::logaddexp(lse_p, lse_s);
   const auto w_p = at::exp(lse_p.sub(lse)).unsqueeze(-1), w_s = at::exp(lse_s.sub(lse)).unsqueeze(-1);
   auto out = at::empty({s.B, s.L, s.Hq, s.D}, q.options()).transpose(1, 2);
-  if (q.scalar_type() == acc) {
-    at::mul_out(out, o_p, w_p).addcmul_(w_s, o_s);
-  } else {
-    out.copy_(o_p.to(acc).mul_(w_p).addcmul_(w_s, o_s.to(acc)));
-  }
+  out.copy_(o_p.mul_(w_p).addcmul_(w_s, o_s.to(acc)));
   return {out, lse.contiguous()};
 }
 
@@ -244,43 +198,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk, const Tensor& pv,
     const Tensor& out, const Tensor& lse, const OptTensor& attn_mask, bool is_causal, std::optional<double> scale) {
   const auto s = shapes(q, k, pk, scale);
+  if (cpu_kernel(q)) return cpu::backward(grad_out, q, k, v, pk, pv, out, lse, attn_mask, is_causal, s);
   const auto acc = lse.scalar_type();
-  const bool per_row = pk.dim() == 4, flash = use_flash(q, k, pk);  // the forward's path: same inputs
+  const bool per_row = pk.dim() == 4;
   // Both segments' probabilities are recomputed as exp(z - lse) with the merged lse, and D = rowsum(dO o O) with the
   // merged output: each segment's backward then yields exactly its share of the gradients.
-  Tensor dq, dpk, dpv, delta;
-  const auto qa = flash ? Tensor() : q.to(acc), doa = flash ? Tensor() : grad_out.to(acc);  // the dense path's
-  if (flash) {  // ATen's flash backward over the stride-0 prefix view; the per-row prefix gradients summed after
-    auto [dq_p, dpk_b, dpv_b] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out, q, batch_view(pk, s), batch_view(pv, s), out, lse, 0.0, false, std::nullopt, s.scale);
-    dq = dq_p.to(acc);
-    dpk = per_row ? dpk_b : dpk_b.sum(0, false, acc), dpv = per_row ? dpv_b : dpv_b.sum(0, false, acc);
-  } else {  // dz = p o (dO V_P^T - D) (scaled), the prefix gradients reduced over the batch inside the GEMMs
-    delta = at::mul(doa, out.to(acc)).sum(-1, true);
-    const auto pk_q = per_query_head(pk.to(acc), s), pv_q = per_query_head(pv.to(acc), s);
-    const auto p = head_gemm(qa, pk_q.transpose(-1, -2), s, s.scale).sub_(lse.unsqueeze(-1)).exp_();
-    const auto dz = head_gemm(doa, pv_q.transpose(-1, -2), s).sub_(delta).mul_(p);
-    dpv = per_kv_head(head_reduce(p, doa, s, per_row), s);
-    dpk = per_kv_head(head_reduce(dz, qa, s, per_row, s.scale), s);
-    dq = head_gemm(dz, pk_q, s, s.scale);  // [B, Hq, L, D], contiguous
-  }
+  const auto qa = q.to(acc), doa = grad_out.to(acc);
+  // prefix segment: dz = p o (dO V_P^T - D) (scaled), the prefix gradients reduced over the batch inside the GEMMs
+  const auto delta = at::mul(doa, out.to(acc)).sum(-1, true);
+  const auto pk_q = per_query_head(pk.to(acc), s), pv_q = per_query_head(pv.to(acc), s);
+  const auto p = head_gemm(qa, pk_q.transpose(-1, -2), s, s.scale).sub_(lse.unsqueeze(-1)).exp_();
+  const auto dz = head_gemm(doa, pv_q.transpose(-1, -2), s).sub_(delta).mul_(p);
+  const auto dpv = per_kv_head(head_reduce(p, doa, s, per_row), s);
+  const auto dpk = per_kv_head(head_reduce(dz, qa, s, per_row, s.scale), s);
+  auto dq = head_gemm(dz, pk_q, s, s.scale);  // [B, Hq, L, D], contiguous
   // sequence segment
-  const bool causal = flash_causal(flash, s, attn_mask, is_causal);
-  const auto visible = causal ? Tensor() : visible_keys(s, attn_mask, is_causal, q);
   Tensor dk, dv;
   if (s.S == 0) {
     dk = at::zeros(k.sizes(), k.options()), dv = at::zeros(v.sizes(), v.options());
-  } else if (flash) {
-    const auto bias = additive(visible, q);
-    // ATen's flash backward with the merged output and LSE: exactly the sequence keys' share of the gradients
-    // (a row whose sequence keys are all masked gets lse from the prefix alone, so its probabilities are 0).
-    auto [dq_s, dk_s, dv_s] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out, q, k, v, out, lse, 0.0, causal, bias.defined() ? OptTensor(bias) : std::nullopt, s.scale);
-    dq.add_(dq_s);
-    dk = dk_s, dv = dv_s;
   } else {
     const auto qg = grouped(qa.contiguous(), s), dog = grouped(doa.contiguous(), s);
-    const auto vis = grouped_rows(visible, s);
+    const auto vis = grouped_rows(visible_keys(s, attn_mask, is_causal, q), s);
     const auto lse_g = lse.view({s.B, s.Hkv, s.G * s.L}), delta_g = delta.view({s.B, s.Hkv, s.G * s.L, 1});
     auto zs = at::matmul(qg, k.to(acc).transpose(-1, -2)).mul_(s.scale);
     if (vis.defined()) zs.masked_fill_(vis.logical_not(), -kInf);
