@@ -1,4 +1,5 @@
 """Loading the compiled kernels, reporting what runs, and the opt-in pure-PyTorch fallback."""
+import functools
 import glob
 import os
 import warnings
@@ -31,6 +32,26 @@ COMPILED = [c for c in _BUILD if not c.startswith("arch=")]
 CUDA_ARCHS = [c[5:] for c in _BUILD if c.startswith("arch=") and c[5:]]
 
 
+@functools.lru_cache(maxsize=None)
+def _archs_run_on(index: int) -> bool:
+    """Whether a compiled CUDA architecture runs on GPU `index`: code built for major.minor runs on major.x with
+    x >= minor, and PTX (an arch given as "X.Y+PTX") is compiled for any later GPU when loaded."""
+    capability = torch.cuda.get_device_capability(index)
+    for arch in CUDA_ARCHS:
+        major, minor = (int("".join(ch for ch in part if ch.isdigit()) or 0) for part in arch.split("+")[0].split("."))
+        if (major == capability[0] and minor <= capability[1]) or ("+PTX" in arch and (major, minor) <= capability):
+            return True
+    return False
+
+
+def _cuda_runs(device: torch.device) -> bool:
+    if "cuda" not in COMPILED:
+        return False
+    if torch.compiler.is_compiling() or not torch.cuda.is_available():
+        return True  # decided by the eager calls (a CUDA tensor needs a GPU; tracing must not query it)
+    return _archs_run_on(torch.cuda.current_device() if device.index is None else device.index)
+
+
 def backends() -> dict:
     """What was compiled (cpu, cuda, CUDA archs) and what can run now."""
     info = {"compiled": list(COMPILED), "cuda_archs": list(CUDA_ARCHS), "runs": [], "fallback": fallback_enabled(),
@@ -38,8 +59,18 @@ def backends() -> dict:
     if LOADED:
         info["runs"] = ["cpu"]
         if "cuda" in COMPILED and torch.cuda.is_available():
-            info["runs"].append("cuda")
+            if _cuda_runs(torch.device("cuda")):
+                info["runs"].append("cuda")
+            else:
+                info["error"] = _arch_error(torch.device("cuda"))
     return info
+
+
+def _arch_error(device: torch.device) -> str:
+    index = torch.cuda.current_device() if device.index is None else device.index
+    major, minor = torch.cuda.get_device_capability(index)
+    return (f"peftops' CUDA kernels were built for compute capabilities {', '.join(CUDA_ARCHS)}, none of which runs "
+            f"on cuda:{index} (compute capability {major}.{minor}); rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\"")
 
 
 def fallback_enabled() -> bool:
@@ -52,8 +83,7 @@ _warned_fallback = False
 def use_kernels(device: torch.device) -> bool:
     """True when a compiled kernel serves `device`; False when the user asked for the fallback; else a clear error."""
     global _warned_fallback
-    if LOADED and (device.type == "cpu" or device.type == "meta" or
-                   (device.type == "cuda" and "cuda" in COMPILED)):
+    if LOADED and (device.type == "cpu" or device.type == "meta" or (device.type == "cuda" and _cuda_runs(device))):
         return True
     if fallback_enabled():
         if not _warned_fallback:
@@ -61,5 +91,10 @@ def use_kernels(device: torch.device) -> bool:
                           "fallback because PEFTOPS_FALLBACK=1 (slower, same results)", stacklevel=3)
             _warned_fallback = True
         return False
-    reason = _load_error or f"peftops was built without kernels for device '{device.type}'"
+    if _load_error:
+        reason = _load_error
+    elif device.type == "cuda" and "cuda" in COMPILED:
+        reason = _arch_error(device)
+    else:
+        reason = f"peftops was built without kernels for device '{device.type}'"
     raise RuntimeError(f"{reason}. Set PEFTOPS_FALLBACK=1 to run the pure-PyTorch reference instead.")

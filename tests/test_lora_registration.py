@@ -97,3 +97,37 @@ def test_backends_reports_the_build():
     assert ("cuda" in info["runs"]) == (torch.cuda.is_available() and "cuda" in info["compiled"])
     if "cuda" in info["compiled"]:
         assert info["cuda_archs"]
+
+
+@pytest.mark.parametrize("archs,capability,runs", [
+    (["8.0", "9.0"], (8, 0), True), (["8.0", "9.0"], (8, 9), True), (["8.0", "9.0"], (9, 0), True),
+    (["8.0", "9.0"], (7, 5), False), (["8.0", "9.0"], (10, 0), False), (["8.0", "9.0"], (12, 0), False),
+    (["8.0", "9.0+PTX"], (12, 0), True), (["9.0a"], (9, 0), True),
+])
+def test_a_gpu_the_build_has_no_code_for_gets_a_clear_error(monkeypatch, archs, capability, runs):
+    # code built for major.minor runs on major.x, x >= minor; PTX also on every later GPU; anything else would fail
+    # at the first kernel launch with "no kernel image is available", so the op refuses it up front
+    from peftops import _extension
+    monkeypatch.setattr(_extension, "LOADED", True)
+    monkeypatch.setattr(_extension, "COMPILED", ["cpu", "cuda"])
+    monkeypatch.setattr(_extension, "CUDA_ARCHS", archs)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.delenv("PEFTOPS_FALLBACK", raising=False)
+    _extension._archs_run_on.cache_clear()
+    try:
+        assert ("cuda" in peftops.backends()["runs"]) == runs
+        if runs:
+            assert _extension.use_kernels(torch.device("cuda"))
+            return
+        assert "compute capability %d.%d" % capability in peftops.backends()["error"]
+        with pytest.raises(RuntimeError, match=r"none of which runs on cuda:0 \(compute capability %d\.%d\).*"
+                                               r"PEFTOPS_FALLBACK=1" % capability):
+            _extension.use_kernels(torch.device("cuda"))
+        monkeypatch.setenv("PEFTOPS_FALLBACK", "1")
+        monkeypatch.setattr(_extension, "_warned_fallback", False)
+        with pytest.warns(UserWarning, match="pure-PyTorch fallback"):
+            assert not _extension.use_kernels(torch.device("cuda", 0))
+    finally:
+        _extension._archs_run_on.cache_clear()
