@@ -263,3 +263,53 @@ def test_parallel_on_gemma_style_layers_reads_the_mlp_norms_input():
                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8))
     peftops.patch(model, AdapterConfig(bottleneck=4, placement="parallel"))
     assert [n.rsplit(".", 1)[-1] for n in get_state(model).relay_names] == ["pre_feedforward_layernorm"] * 2
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("attention_bias", [False, True])
+def test_houlsby_on_llama_attention_keeps_the_projection_input(monkeypatch, activation, attention_bias):
+    # o_proj runs the attention's adapter and backward keeps o_proj's input (the attention output, which SDPA keeps
+    # anyway) instead of h: per layer one [tokens, hidden] tensor less, and the same outputs and gradients as the
+    # adapter on the attention's output. An attention with an o_proj bias exercises its term in the down
+    # projection's weight gradient.
+    import importlib
+    bottleneck = importlib.import_module("peftops.patch.bottleneck")  # (peftops.patch is the function)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from peftops.profiling import saved_bytes
+
+    def build(fused):
+        monkeypatch.setattr(bottleneck, "_PLAIN_OUTPUT_ATTENTIONS", bottleneck._PLAIN_OUTPUT_ATTENTIONS if fused else ())
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, attention_bias=attention_bias,
+                                             attn_implementation="sdpa"))
+        peftops.patch(model, AdapterConfig(bottleneck=4, placement="houlsby", activation=activation))
+        randomize(model)
+        if attention_bias:  # (transformers initialises biases to zero)
+            g = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    layer.self_attn.o_proj.bias.copy_(torch.randn(32, generator=g))
+        return model
+
+    fused, plain = build(True), build(False)
+    assert all(bottleneck.is_replaced(layer.self_attn.o_proj) and not bottleneck.is_replaced(layer.self_attn)
+               for layer in fused.model.layers)
+    assert not any(bottleneck.is_replaced(layer.self_attn.o_proj) for layer in plain.model.layers)
+    ids = input_ids(vocab=64)
+    results = []
+    for model in (fused, plain):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        out, saved = saved_bytes(lambda: model(inputs_embeds=embeds).logits, exclude=list(model.parameters()))
+        loss_of(out).backward()
+        results.append((out.detach(), saved, embeds.grad, {n: p.grad for n, p in model.named_parameters()
+                                                          if p.requires_grad}))
+    (out, saved, dx, grads), (out_p, saved_p, dx_p, grads_p) = results
+    assert_close(out, out_p, 1e-5, "output")
+    assert_close(dx, dx_p, 1e-5, "input grad")
+    assert grads.keys() == grads_p.keys() and len(grads) == 2 * 2 * 4
+    for name in grads:
+        assert_close(grads[name], grads_p[name], 1e-5, name)
+    assert saved_p - saved == 2 * ids.numel() * 32 * 4  # one h per layer (2 layers, hidden 32, float32)
+    peftops.unpatch(fused)
+    assert not any(CHILD in vars(m) or bottleneck.is_replaced(m) for m in fused.modules())

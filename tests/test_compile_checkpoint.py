@@ -44,8 +44,11 @@ def test_blocks_have_no_graph_breaks(technique):
         explanation = torch._dynamo.explain(block)(*args, **kwargs)
         assert explanation.graph_break_count == 0, (i, explanation.break_reasons)
         assert explanation.graph_count == 1, i
-        # Our op is in the captured graph (not run outside it, which a silent fallback would do).
-        ops = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
+        # Our op is in the captured graph (not run outside it, which a silent fallback would do), or in the forward
+        # body of an autograd.Function captured in it (the Llama attention's Houlsby adapter, run by its o_proj).
+        ops = [str(n.target) for g in explanation.graphs for name, m in g.named_modules()
+               if isinstance(m, torch.fx.GraphModule) and "bwd" not in name
+               for n in m.graph.nodes if n.op == "call_function"]
         assert sum(op_name in op for op in ops) == op_count, (i, ops)
 
 

@@ -8,6 +8,8 @@ s the sublayer output h plus the model's residual r:
     BERT  `BertOutput`:        LN(s + A(LN(s)))      pre-LN (Llama, GPT-2) decoder layer: s + A(s)
 - Houlsby (`double_seq_bn`): after attention and after the feed-forward block, on h itself.
     BERT  `BertSelfOutput`, `BertOutput`: LN(s + A(h))     pre-LN: attention and MLP outputs h -> h + A(h)
+  On a Llama-style attention, whose output is o_proj's, o_proj runs the adapter and backward keeps o_proj's input
+  (which attention keeps anyway) in place of h (`_projected_forward`).
 - Parallel (`par_bn`, He et al. 2021): beside the feed-forward block, reading the stream r that enters it.
     BERT  `BertOutput` (r is its residual): LN(s + A(r))    pre-LN MLP: mlp(LN(r)) + A(r), r the un-normed stream,
   which the feed-forward norm hands on to the MLP (`_hand_on_input`), as AdapterHub reads it.
@@ -20,7 +22,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..layers.bottleneck import BottleneckAdapter
 from .adapter import STATE_ATTR, check_unpatched
-from .forwards import call_original, replace_forward, restore_forward
+from .forwards import call_original, is_replaced, replace_forward, restore_forward
 
 CHILD = "bottleneck_adapter"
 STREAM = "_peftops_stream"  # a one-slot list a pre-LN layer's feed-forward norm and MLP share (parallel placement)
@@ -30,8 +32,9 @@ STREAM = "_peftops_stream"  # a one-slot list a pre-LN layer's feed-forward norm
 class BottleneckState:
     config: AdapterConfig
     adapter_name: str
-    layer_names: list  # modules given an adapter child and a new forward
-    relay_names: list  # modules given only a new forward (the norm that hands r on to a parallel adapter)
+    layer_names: list  # modules given an adapter child (and, but for a Llama attention, a new forward)
+    relay_names: list  # modules given only a new forward (the norm that hands r on to a parallel adapter, the o_proj
+    # that runs its attention's adapter)
     requires_grad: list  # [(parameter, flag)] before patching
 
 
@@ -47,6 +50,20 @@ def _layer_forward(self, *args, **kwargs):
     """Pfeiffer on a pre-LN decoder layer: s -> s + A(s) on the layer's output. The next norm keeps that output for
     its backward anyway, so the adapter keeps it too in place of s (save_output): s costs no memory."""
     return _post_forward(self, *args, **kwargs)
+
+
+# Attentions that return o_proj's output as it is: on them the Houlsby adapter moves into o_proj (_projected_forward).
+_PLAIN_OUTPUT_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
+
+
+def _ends_in_plain_projection(attention: nn.Module) -> bool:
+    return type(attention).__name__ in _PLAIN_OUTPUT_ATTENTIONS and type(getattr(attention, "o_proj", None)) is nn.Linear
+
+
+def _projected_forward(self, x):
+    """A Llama attention's o_proj with the attention's Houlsby adapter: o_proj(x) -> h + A(h), the same as on the
+    attention's output, but keeping x (the attention output, which SDPA keeps anyway) for backward instead of h."""
+    return getattr(self, CHILD).projected(x, self.weight, self.bias)
 
 
 def _hand_on_input(self, x, *args, **kwargs):
@@ -143,7 +160,7 @@ def patch_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str) ->
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    streams = {}
+    streams, holders, relays = {}, [], []
     for name, forward, layer in plan:
         module = model.get_submodule(name)
         if forward is not _hand_on_input:
@@ -151,12 +168,18 @@ def patch_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str) ->
             module.add_module(CHILD, BottleneckAdapter(hidden, config.bottleneck, config.activation, config.scale,
                                                        save_output=forward is _layer_forward, dtype=ref.dtype,
                                                        device=ref.device))
+            holders.append(name)
         if forward in (_hand_on_input, _parallel_forward):
             setattr(module, STREAM, streams.setdefault(layer, [None]))
+        if forward is _post_forward and _ends_in_plain_projection(module):
+            # the attention keeps its adapter (and its state-dict keys); its o_proj runs it
+            module.o_proj.__dict__[CHILD] = getattr(module, CHILD)
+            module, name = module.o_proj, f"{name}.o_proj"
+            forward = _projected_forward
+        if forward in (_hand_on_input, _projected_forward):
+            relays.append(name)
         replace_forward(module, forward)
-    model.__dict__[STATE_ATTR] = BottleneckState(
-        config, adapter_name, [n for n, f, _ in plan if f is not _hand_on_input],
-        [n for n, f, _ in plan if f is _hand_on_input], flags)
+    model.__dict__[STATE_ATTR] = BottleneckState(config, adapter_name, holders, relays, flags)
     return model
 
 
@@ -167,7 +190,8 @@ def unpatch_adapter(model: nn.Module) -> nn.Module:
         for attr in (CHILD, STREAM):
             if attr in module.__dict__ or attr in module._modules:
                 delattr(module, attr)
-        restore_forward(module)
+        if is_replaced(module):  # (an attention whose o_proj runs its adapter keeps its own forward)
+            restore_forward(module)
     for p, flag in state.requires_grad:
         p.requires_grad_(flag)
     return model
