@@ -11,7 +11,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/baddbmm.h>
-#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/exp.h>
 #include <ATen/ops/full.h>
@@ -22,7 +21,6 @@
 #include <ATen/ops/repeat_interleave.h>
 #include <ATen/ops/sub.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -99,12 +97,6 @@ Tensor visible_keys(const Shapes& s, const OptTensor& attn_mask, bool is_causal,
 Tensor grouped_rows(const Tensor& visible, const Shapes& s) {
   if (!visible.defined()) return visible;
   return visible.unsqueeze(2).expand({s.B, 1, s.G, s.L, s.S}).reshape({s.B, 1, s.G * s.L, s.S});
-}
-
-// An additive mask (0 / -inf) from a visibility.
-Tensor additive(const Tensor& visible, const Tensor& like) {
-  if (!visible.defined()) return visible;
-  return at::zeros(visible.sizes(), like.options()).masked_fill_(visible.logical_not(), -kInf);
 }
 
 // Whether the CPU kernel runs (else the dense path, which CUDA runs; PEFTOPS_PREFIX_DENSE=1 forces it on the CPU

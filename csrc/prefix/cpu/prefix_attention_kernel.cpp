@@ -44,9 +44,6 @@ struct Visible {
   const bool* row(int64_t b) const { return mask ? mask + b * S : nullptr; }
 };
 
-// The kernels take detached aliases of their inputs: the GEMMs they call on ATen's worker threads would otherwise
-// see inputs that require grad (the threads do not inherit the dispatcher's below-autograd state).
-
 // A matrix in the compute type T with unit column stride: the view itself when it already is one, else a copy.
 Tensor as_rows(const Tensor& t, at::ScalarType acc) {
   return t.scalar_type() == acc && t.stride(-1) == 1 ? t : t.to(acc).contiguous();
@@ -68,11 +65,10 @@ void against_keys(const Tensor& z, const Tensor& rows, const Tensor& prefix, con
   if (kc > 0) gemm(z.narrow(1, P, kc), rows, seq.narrow(0, 0, kc).t());
 }
 
-// out (+)= z [prefix | seq[0:kc]]: the probabilities (or score gradients) times the values (or keys).
-void through_keys(const Tensor& out, const Tensor& z, const Tensor& prefix, const Tensor& seq, int64_t kc,
-                  bool accumulate = false) {
+// out = z [prefix | seq[0:kc]]: the probabilities (or score gradients) times the values (or keys).
+void through_keys(const Tensor& out, const Tensor& z, const Tensor& prefix, const Tensor& seq, int64_t kc) {
   const auto P = prefix.size(0);
-  gemm(out, z.narrow(1, 0, P), prefix, accumulate);
+  gemm(out, z.narrow(1, 0, P), prefix);
   if (kc > 0) gemm(out, z.narrow(1, P, kc), seq.narrow(0, 0, kc), true);
 }
 
@@ -262,6 +258,8 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
   // out in the compute type (written block by block by the GEMMs), converted once at the end for 16-bit inputs
   const auto out = sdpa_layout(q, s.Hq, s.L, acc, false);
   const auto lse = at::empty({s.B, s.Hq, s.L}, q.options().dtype(acc));
+  // The kernels take detached aliases: the GEMMs they run on ATen's worker threads would otherwise see inputs that
+  // require grad (those threads do not inherit the dispatcher's below-autograd state).
   AT_DISPATCH_FLOATING_TYPES(acc, "prefix_attention_cpu_forward", [&] {
     forward_impl<scalar_t>(q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach(), vis, s, out, lse);
   });
@@ -285,7 +283,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_o
   const auto dpk = at::zeros(prefix_grad_shape, opts), dpv = at::zeros(prefix_grad_shape, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "prefix_attention_cpu_backward", [&] {
     backward_impl<scalar_t>(grad_out.detach(), q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach(),
-                            out.detach(), lse.to(acc), vis, s, dq, dk, dv, dpk, dpv);
+                            out.detach(), lse.to(acc).contiguous(), vis, s, dq, dk, dv, dpk, dpv);
   });
   const auto dt = q.scalar_type();
   const auto reduce = [&](const Tensor& g) { return (pk.dim() == 3 ? g.sum(0) : g).to(dt).contiguous(); };
