@@ -1,12 +1,14 @@
 """Per-instance, reversible forward replacement: how every patching mode takes over a module it keeps in place."""
-import types
+import functools
 
 _SAVED = "_peftops_saved_forward"  # the instance's own forward before patching (None: the class's)
 
 
 def replace_forward(module, forward) -> None:
     module.__dict__[_SAVED] = module.__dict__.get("forward")
-    module.forward = types.MethodType(forward, module)
+    # a partial of a module-level function, not a bound method: it pickles (torch.save of a patched model), where a
+    # bound method would be looked up by name on the module when loaded
+    module.forward = functools.partial(forward, module)
 
 
 def call_original(module, *args, **kwargs):

@@ -13,6 +13,7 @@ writes its files): the prefix of layer l is rows 2l (keys) and 2l+1 (values) of 
 `Linear(token_dim, hidden) -> tanh -> Linear(hidden, layers * 2 * token_dim)` over P virtual-token embeddings; and,
 because peft puts the prefix in the KV cache, positions are shifted by P (`_shift_positions`): a model numbers its
 tokens after what its cache holds, BERT's absolute positions as a causal LM's."""
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,11 @@ class PrefixState:
     @property
     def token_dim(self) -> int:  # peft's name for the prefix width of one layer's keys (or values)
         return self.num_kv_heads * self.head_dim
+
+    def __setstate__(self, state):
+        """A patched model loaded by torch.load (perhaps in another process) needs the attention function again."""
+        self.__dict__.update(state)
+        register()
 
 
 class PrefixEncoder(nn.Module):
@@ -241,30 +247,29 @@ def _set_attn_implementation(model, name):
         model.config._attn_implementation = name
 
 
-def _shift_positions(num_tokens):
-    """peft keeps the prefix in the cache, so the model numbers its tokens after it (causal LMs and BERT alike):
-    positions given are shifted by P, and absent ones are P + the cache length + 0 .. L-1 (what the model computes
-    with P more cached tokens)."""
-    def hook(module, args, kwargs):
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            x = kwargs.get("input_ids")
-            x = kwargs.get("inputs_embeds") if x is None else x
-            x = args[0] if x is None and args else x
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            if cache is None:
-                past = 0
-            elif hasattr(cache, "get_seq_length"):
-                past = cache.get_seq_length()
-            else:  # legacy tuple of (keys, values) per layer
-                past = cache[0][0].shape[-2]
-            if kwargs.get("cache_position") is not None:
-                pos = kwargs["cache_position"].unsqueeze(0)
-            else:
-                pos = torch.arange(past, past + x.shape[1], device=x.device).unsqueeze(0)
-        kwargs["position_ids"] = pos + num_tokens
-        return args, kwargs
-    return hook
+def _shift_positions(num_tokens, module, args, kwargs):
+    """The base model's forward pre-hook (bound to P with functools.partial, so a patched model pickles). peft keeps
+    the prefix in the cache, so the model numbers its tokens after it (causal LMs and BERT alike): positions given are
+    shifted by P, and absent ones are P + the cache length + 0 .. L-1 (what the model computes with P more cached
+    tokens)."""
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        x = kwargs.get("input_ids")
+        x = kwargs.get("inputs_embeds") if x is None else x
+        x = args[0] if x is None and args else x
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None:
+            past = 0
+        elif hasattr(cache, "get_seq_length"):
+            past = cache.get_seq_length()
+        else:  # legacy tuple of (keys, values) per layer
+            past = cache[0][0].shape[-2]
+        if kwargs.get("cache_position") is not None:
+            pos = kwargs["cache_position"].unsqueeze(0)
+        else:
+            pos = torch.arange(past, past + x.shape[1], device=x.device).unsqueeze(0)
+    kwargs["position_ids"] = pos + num_tokens
+    return args, kwargs
 
 
 def patch_prefix(model: nn.Module, config: PrefixConfig, adapter_name: str) -> nn.Module:
@@ -297,7 +302,7 @@ def patch_prefix(model: nn.Module, config: PrefixConfig, adapter_name: str) -> n
             for name in (KEY, VALUE):
                 module.register_parameter(name, nn.Parameter(torch.randn(num_kv, P, head_dim, dtype=dtype,
                                                                          device=flags[0][0].device)))
-    hook = model.base_model.register_forward_pre_hook(_shift_positions(P), with_kwargs=True)
+    hook = model.base_model.register_forward_pre_hook(functools.partial(_shift_positions, P), with_kwargs=True)
     old = model.config._attn_implementation
     if through_registry:
         _set_attn_implementation(model, ATTN_NAME)
