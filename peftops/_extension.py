@@ -2,6 +2,7 @@
 import functools
 import glob
 import os
+import re
 import warnings
 
 import torch
@@ -32,16 +33,31 @@ COMPILED = [c for c in _BUILD if not c.startswith("arch=")]
 CUDA_ARCHS = [c[5:] for c in _BUILD if c.startswith("arch=") and c[5:]]
 
 
+# TORCH_CUDA_ARCH_LIST's named architectures, as torch.utils.cpp_extension expands them
+_NAMED_ARCHS = {"Kepler+Tesla": "3.7", "Kepler": "3.5+PTX", "Maxwell+Tegra": "5.3", "Maxwell": "5.0;5.2+PTX",
+                "Pascal": "6.0;6.1+PTX", "Volta+Tegra": "7.2", "Volta": "7.0+PTX", "Turing": "7.5+PTX",
+                "Ampere+Tegra": "8.7", "Ampere": "8.0;8.6+PTX", "Ada": "8.9+PTX", "Hopper": "9.0+PTX",
+                "Blackwell+Tegra": "11.0", "Blackwell": "10.0;10.3;12.0;12.1+PTX", "Rubin": "10.7+PTX"}
+
+
 @functools.lru_cache(maxsize=None)
 def _archs_run_on(index: int) -> bool:
     """Whether a compiled CUDA architecture runs on GPU `index`: code built for major.minor runs on major.x with
-    x >= minor, and PTX (an arch given as "X.Y+PTX") is compiled for any later GPU when loaded."""
+    x >= minor ("X.Ya", arch-specific code, only on X.Y itself), and PTX ("X.Y+PTX") is compiled for any later GPU
+    when loaded. An entry it cannot read counts as running (the launch would tell)."""
     capability = torch.cuda.get_device_capability(index)
-    for arch in CUDA_ARCHS:
-        major, minor = (int("".join(ch for ch in part if ch.isdigit()) or 0) for part in arch.split("+")[0].split("."))
-        if (major == capability[0] and minor <= capability[1]) or ("+PTX" in arch and (major, minor) <= capability):
-            return True
-    return False
+    read = False
+    for entry in CUDA_ARCHS:
+        for arch in _NAMED_ARCHS.get(entry, entry).split(";"):
+            m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", arch.strip())
+            if not m:
+                continue
+            read = True
+            version, kind = (int(m[1]), int(m[2])), m[3]
+            if (m[4] and version <= capability) or (kind == "a" and version == capability) or \
+                    (kind != "a" and version[0] == capability[0] and version[1] <= capability[1]):
+                return True
+    return not read
 
 
 def _cuda_runs(device: torch.device) -> bool:

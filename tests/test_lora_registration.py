@@ -102,7 +102,9 @@ def test_backends_reports_the_build():
 @pytest.mark.parametrize("archs,capability,runs", [
     (["8.0", "9.0"], (8, 0), True), (["8.0", "9.0"], (8, 9), True), (["8.0", "9.0"], (9, 0), True),
     (["8.0", "9.0"], (7, 5), False), (["8.0", "9.0"], (10, 0), False), (["8.0", "9.0"], (12, 0), False),
-    (["8.0", "9.0+PTX"], (12, 0), True), (["9.0a"], (9, 0), True),
+    (["8.0", "9.0+PTX"], (12, 0), True), (["9.0a"], (9, 0), True), (["10.0a"], (10, 3), False),
+    (["Hopper"], (9, 0), True), (["Hopper"], (12, 0), True), (["Ampere"], (9, 0), True), (["Ampere"], (8, 9), True), (["Volta+Tegra"], (8, 0), False),
+    (["sm_90"], (7, 5), True),  # an entry it cannot read: left to the launch
 ])
 def test_a_gpu_the_build_has_no_code_for_gets_a_clear_error(monkeypatch, archs, capability, runs):
     # code built for major.minor runs on major.x, x >= minor; PTX also on every later GPU; anything else would fail

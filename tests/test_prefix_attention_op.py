@@ -163,3 +163,19 @@ def test_bad_input_names_the_argument(change, match, exc):
     mask = args.pop("attn_mask")
     with pytest.raises(exc, match=match):
         peftops.ops.prefix_attention(*args.values(), attn_mask=mask)
+
+
+def test_inference_mode_with_worker_threads():
+    # The CPU kernel's GEMMs run on ATen's worker threads, which must see the caller's inference mode (writing into
+    # an output made under it from a thread outside it is refused) and its below-autograd dispatch.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(9)
+        args = [t.detach() for t in operands("cpu", torch.float32, (4, 2, 2, 9, 9, 3, 8), gen=gen)]
+        expected = peftops.ops.prefix_attention(*args, is_causal=True)
+        with torch.inference_mode():
+            out = peftops.ops.prefix_attention(*args, is_causal=True)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)

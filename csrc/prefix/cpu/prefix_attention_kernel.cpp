@@ -5,11 +5,14 @@
 // key, so most of the masked half of the sequence scores is never computed (ATen's flash kernel computes whole
 // blocks of up to 512 keys, the whole square at L = 512). The products are the vendor GEMMs on views; the softmax
 // and the backward's elementwise step are vectorised here. Backward recomputes each block from the saved LSE and
-// reduces the shared prefix's gradients over the batch in per-thread accumulators.
+// reduces the shared prefix's gradients over the batch in per-thread accumulators. (As with any kernel that skips
+// masked keys, a NaN in a value that a row cannot see reaches the row only when the row's block computes that key:
+// softmax over the materialised keys, 0 * NaN, would spread it to every row.)
 #include "../prefix_attention.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
@@ -49,7 +52,9 @@ Tensor as_rows(const Tensor& t, at::ScalarType acc) {
   return t.scalar_type() == acc && t.stride(-1) == 1 ? t : t.to(acc).contiguous();
 }
 
-// c = a b, or c += a b (the vendor GEMM, writing into the view c).
+// c = a b, or c += a b (the vendor GEMM, writing into the view c). The GEMMs run on ATen's worker threads, which
+// get the caller's thread-local state (ThreadLocalStateGuard): its below-autograd dispatch (else inputs that require
+// grad are refused) and its inference mode (else writing into outputs made under it is).
 void gemm(Tensor c, const Tensor& a, const Tensor& b, bool accumulate = false) {
   if (accumulate) {
     c.addmm_(a, b);
@@ -162,7 +167,9 @@ void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
   const T scale = static_cast<T>(s.scale);
   T* lse_data = lse.data_ptr<T>();
+  const at::ThreadLocalState caller;  // see in_callers_state
   at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard in_callers_state(caller);
     const Tensor z = at::empty({std::min(kRows, s.L), s.P + s.S}, q.options().dtype(acc));
     T* zd = z.data_ptr<T>();
     for (int64_t unit = begin; unit < end; ++unit) {
@@ -196,7 +203,9 @@ void backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k, con
   const T scale = static_cast<T>(s.scale);
   const T* lse_data = lse.data_ptr<T>();
   const bool per_row = pk.dim() == 4;
+  const at::ThreadLocalState caller;
   at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard in_callers_state(caller);
     const at::TensorOptions opts = q.options().dtype(acc);
     const Tensor z = at::empty({std::min(kRows, s.L), s.P + s.S}, opts), dz = at::empty_like(z);
     T *zd = z.data_ptr<T>(), *dzd = dz.data_ptr<T>();
@@ -258,11 +267,8 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
   // out in the compute type (written block by block by the GEMMs), converted once at the end for 16-bit inputs
   const auto out = sdpa_layout(q, s.Hq, s.L, acc, false);
   const auto lse = at::empty({s.B, s.Hq, s.L}, q.options().dtype(acc));
-  // The kernels take detached aliases: the GEMMs they run on ATen's worker threads would otherwise see inputs that
-  // require grad (those threads do not inherit the dispatcher's below-autograd state).
-  AT_DISPATCH_FLOATING_TYPES(acc, "prefix_attention_cpu_forward", [&] {
-    forward_impl<scalar_t>(q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach(), vis, s, out, lse);
-  });
+  AT_DISPATCH_FLOATING_TYPES(acc, "prefix_attention_cpu_forward",
+                             [&] { forward_impl<scalar_t>(q, k, v, pk, pv, vis, s, out, lse); });
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -282,8 +288,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_o
   const auto opts = q.options().dtype(acc);
   const auto dpk = at::zeros(prefix_grad_shape, opts), dpv = at::zeros(prefix_grad_shape, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "prefix_attention_cpu_backward", [&] {
-    backward_impl<scalar_t>(grad_out.detach(), q.detach(), k.detach(), v.detach(), pk.detach(), pv.detach(),
-                            out.detach(), lse.to(acc).contiguous(), vis, s, dq, dk, dv, dpk, dpv);
+    backward_impl<scalar_t>(grad_out, q, k, v, pk, pv, out, lse.to(acc).contiguous(), vis, s, dq, dk, dv, dpk, dpv);
   });
   const auto dt = q.scalar_type();
   const auto reduce = [&](const Tensor& g) { return (pk.dim() == 3 ? g.sum(0) : g).to(dt).contiguous(); };
