@@ -3,6 +3,7 @@ transformers 4.57) and the frozen model: forward+backward of a training step, ti
 every model sees the same machine state, plus saved-for-backward bytes. Prints medians and ratios.
 
     python tools/adapterhub_interleaved.py --rounds 6        # in a venv with transformers 4.57 and adapters 1.3
+    python tools/adapterhub_interleaved.py --placements pfeiffer   # one placement: three models round-robin
 """
 import argparse
 import os
@@ -35,10 +36,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--placements", nargs="+", choices=list(ACTIVATION), default=list(ACTIVATION))
     args = ap.parse_args()
     ids = torch.randint(49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     cases = {"frozen": build("frozen", None)}
-    for placement in ACTIVATION:
+    for placement in args.placements:
         for impl in ("peftops", "adapterhub"):
             cases[f"{placement} {impl}"] = build(impl, placement)
 
