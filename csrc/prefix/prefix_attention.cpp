@@ -8,6 +8,7 @@
 // The output is written in SDPA's layout, so no relayout copies are made around the op. Backward recomputes the
 // probabilities from the saved merged LSE (FlashAttention's formulas with D = rowsum(dO o O)); the prefix gradients
 // are reduced over the batch.
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/baddbmm.h>
@@ -155,7 +156,7 @@ Tensor head_reduce(const Tensor& a, const Tensor& c, const Shapes& s, bool per_r
 // the keys with a transient [GL, S] matrix.
 std::tuple<Tensor, Tensor> sequence_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& visible,
                                               const Shapes& s) {
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = at::toOpMathType(q.scalar_type());
   const auto qg = grouped(q.contiguous(), s), vis = grouped_rows(visible, s);
   auto z = at::matmul(qg.to(acc), k.to(acc).transpose(-1, -2)).mul_(s.scale);
   if (vis.defined()) z.masked_fill_(vis.logical_not(), -kInf);  // a hidden NaN score is hidden, as in softmax
@@ -171,7 +172,7 @@ std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tenso
   check_inputs(q, k, v, pk, pv, attn_mask, scale);
   const auto s = shapes(q, k, pk, scale);
   if (cpu_kernel(q)) return cpu::forward(q, k, v, pk, pv, attn_mask, is_causal, s);
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = at::toOpMathType(q.scalar_type());
   // prefix segment, every key visible: per batch row, one batched GEMM over the query heads against the shared prefix
   auto p = head_gemm(q.to(acc), per_query_head(pk.to(acc), s).transpose(-1, -2), s, s.scale);
   const auto lse_p = at::logsumexp(p, {-1});

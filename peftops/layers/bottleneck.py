@@ -79,11 +79,10 @@ class _ProjectedBottleneck(torch.autograd.Function):
             dwd = (da.t() @ x2) @ w_proj.t()
             if b_proj is not None:
                 dwd.add_(torch.outer(da.sum(0), b_proj))
-        if need_x:
-            dx = (dh.view(-1, dh.shape[-1]) @ w_proj).view(x.shape)
-        if need_wp:
-            dwp = dh.view(-1, dh.shape[-1]).t() @ x2
-        if need_bp:
-            dbp = dh.view(-1, dh.shape[-1]).sum(0)
+        if need_x or need_wp or need_bp:  # (else dh is an empty placeholder)
+            dh2 = dh.view(dy2.shape)
+            dx = (dh2 @ w_proj).view(x.shape) if need_x else None
+            dwp = dh2.t() @ x2 if need_wp else None
+            dbp = dh2.sum(0) if need_bp else None
         return (dx, dwp, dbp, dwd, dbd if need_bd else None, dwu if need_wu else None, dbu if need_bu else None,
                 None, None)

@@ -11,6 +11,7 @@
 #include "../prefix_attention.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/cpu/vec/functional.h>
@@ -247,8 +248,6 @@ void backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k, con
   });
 }
 
-at::ScalarType compute_type(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 // [B, H, n, D] laid out as [B, n, H, D] (SDPA's layout), zeroed or not.
 Tensor sdpa_layout(const Tensor& like, int64_t H, int64_t n, at::ScalarType dtype, bool zeroed) {
   const auto opts = like.options().dtype(dtype);
@@ -261,7 +260,7 @@ Tensor sdpa_layout(const Tensor& like, int64_t H, int64_t n, at::ScalarType dtyp
 std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk,
                                    const Tensor& pv, const std::optional<Tensor>& attn_mask, bool is_causal,
                                    const Shapes& s) {
-  const auto acc = compute_type(q);
+  const auto acc = at::toOpMathType(q.scalar_type());
   Tensor mask_holder;
   const Visible vis{s.L, s.S, is_causal, mask_data(attn_mask, mask_holder)};
   // out in the compute type (written block by block by the GEMMs), converted once at the end for 16-bit inputs
@@ -277,7 +276,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_o
                                                             const Tensor& out, const Tensor& lse,
                                                             const std::optional<Tensor>& attn_mask, bool is_causal,
                                                             const Shapes& s) {
-  const auto acc = compute_type(q);
+  const auto acc = at::toOpMathType(q.scalar_type());
   Tensor mask_holder;
   const Visible vis{s.L, s.S, is_causal, mask_data(attn_mask, mask_holder)};
   const auto dq = sdpa_layout(q, s.Hq, s.L, acc, false);
