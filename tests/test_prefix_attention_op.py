@@ -55,13 +55,16 @@ def test_matches_sdpa_over_the_concatenation(device, case, pad, causal):
         compare(args, dtype, None if mask is None else mask.to(device), causal)
 
 
-@pytest.mark.parametrize("path", ["cpu_kernel", "dense"])
+@pytest.mark.parametrize("path", ["cpu_kernel", "dense", "dense_blocks"])
 @pytest.mark.parametrize("case", CASES)
 def test_cpu_paths_on_attentions_transposed_views(monkeypatch, path, case):
-    """The CPU runs its blocked kernel; PEFTOPS_PREFIX_DENSE=1 runs the dense code that CUDA runs. Both match the
-    reference on the transposed views attention hands over, and write SDPA's output layout."""
-    if path == "dense":
+    """The CPU runs its blocked kernel; PEFTOPS_PREFIX_DENSE=1 runs the code that CUDA runs (its sequence segment in
+    blocks of query rows: one block at these sizes, blocks of 3 rows with PEFTOPS_PREFIX_BLOCK_ROWS=3). All match
+    the reference on the transposed views attention hands over, and write SDPA's output layout."""
+    if path != "cpu_kernel":
         monkeypatch.setenv("PEFTOPS_PREFIX_DENSE", "1")
+    if path == "dense_blocks":
+        monkeypatch.setenv("PEFTOPS_PREFIX_BLOCK_ROWS", "3")
     B, Hq, Hkv, L, S, P, D = case
     gen = torch.Generator().manual_seed(sum(case))
     for dtype, pad, causal in ((torch.float32, "left", True), (torch.float32, None, False),
@@ -82,8 +85,13 @@ def test_cpu_paths_on_attentions_transposed_views(monkeypatch, path, case):
     ((1, 3, 3, 129, 129, 1, 72), "left"),   # a block of one row, a head dim past the vector width
 ])
 @pytest.mark.parametrize("causal", [False, True])
-def test_many_blocks_of_query_rows(device, case, pad, causal):
-    # the CPU kernel works in blocks of 128 query rows and cuts a causal block's keys at its last row's
+@pytest.mark.parametrize("blocks", ["kernel", "dense_blocks"])
+def test_many_blocks_of_query_rows(monkeypatch, device, case, pad, causal, blocks):
+    # the CPU kernel works in blocks of 128 query rows and cuts a causal block's keys at its last row's; the dense
+    # path (CUDA's) does the same in blocks of 100 rows here
+    if blocks == "dense_blocks":
+        monkeypatch.setenv("PEFTOPS_PREFIX_DENSE", "1")
+        monkeypatch.setenv("PEFTOPS_PREFIX_BLOCK_ROWS", "100")
     gen = torch.Generator().manual_seed(sum(case) + causal)
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         args = operands(device, dtype, case, per_row=case[0] == 1, gen=gen)

@@ -4,7 +4,8 @@
 //     softmax over both, causal blocks cut at their last visible key;
 //   elsewhere (CUDA), here: two segments merged exactly by their log-sum-exp. The prefix segment is one batched GEMM
 //     per batch row over the query heads against the shared prefix (repeated over the G heads of a kv head, never
-//     over rows), the sequence segment a dense fallback.
+//     over rows), the sequence segment ATen's products over blocks of query rows with a transient score block each
+//     (not yet a tiled kernel: when a GPU can test one, it replaces this).
 // The output is written in SDPA's layout, so no relayout copies are made around the op. Backward recomputes the
 // probabilities from the saved merged LSE (FlashAttention's formulas with D = rowsum(dO o O)); the prefix gradients
 // are reduced over the batch.
@@ -26,6 +27,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -80,24 +82,47 @@ Shapes shapes(const Tensor& q, const Tensor& k, const Tensor& pk, std::optional<
   return s;
 }
 
-// The sequence segment's visibility [B, 1, L, S]: padding (True = attend), and causality aligned to the end of the
-// sequence (query l sees keys j <= l + S - L). Undefined when everything is visible.
-Tensor visible_keys(const Shapes& s, const OptTensor& attn_mask, bool is_causal, const Tensor& like) {
-  if (!has(attn_mask) && !is_causal) return Tensor();
-  auto allowed = at::full({s.B, 1, s.L, s.S}, true, like.options().dtype(at::kBool));
-  if (has(attn_mask)) allowed = allowed.logical_and(attn_mask->view({s.B, 1, 1, s.S}));
-  if (is_causal) {
-    const auto opts = like.options().dtype(at::kLong);
-    const auto rows = at::arange(s.L, opts).view({s.L, 1}), cols = at::arange(s.S, opts).view({1, s.S});
-    allowed = allowed.logical_and(cols.le(rows.add(s.S - s.L)));
+// The sequence segment is taken in blocks of query rows, so its transient scores are [B, Hq, rows, keys] rather than
+// [B, Hq, L, S], and a causal block stops at its last row's keys. Rows per block: the transient stays under 256 MiB
+// (PEFTOPS_PREFIX_BLOCK_ROWS sets it, for the tests).
+int64_t sequence_block_rows(const Shapes& s, int64_t acc_bytes) {
+  if (const char* env = std::getenv("PEFTOPS_PREFIX_BLOCK_ROWS")) {
+    if (const auto rows = std::atoll(env); rows > 0) return rows;
   }
-  return allowed;
+  const int64_t per_row = std::max<int64_t>(1, s.B * s.Hq * s.S * acc_bytes);
+  return std::clamp<int64_t>((int64_t{256} << 20) / per_row, 1, std::max<int64_t>(1, s.L));
 }
 
-// The same for grouped query rows: the G query heads of a kv head are G blocks of L rows -> [B, 1, G * L, S].
-Tensor grouped_rows(const Tensor& visible, const Shapes& s) {
-  if (!visible.defined()) return visible;
-  return visible.unsqueeze(2).expand({s.B, 1, s.G, s.L, s.S}).reshape({s.B, 1, s.G * s.L, s.S});
+// A block of query rows [l0, l0 + rows) and the sequence keys [0, reach) that any of them sees (query l sees keys
+// j <= l + S - L under causality, aligned to the end of the sequence).
+struct RowBlock {
+  int64_t l0, rows, reach;
+};
+
+RowBlock row_block(const Shapes& s, bool is_causal, int64_t l0, int64_t rows_per_block) {
+  const auto rows = std::min(rows_per_block, s.L - l0);
+  return {l0, rows, is_causal ? std::clamp<int64_t>(l0 + rows + s.S - s.L, 0, s.S) : s.S};
+}
+
+// The block's rows of t [B, Hq, L, X] grouped by kv head: [B, Hkv, G * rows, X] (the G query heads of a kv head
+// are G runs of rows against the same keys).
+Tensor block_rows(const Tensor& t, const Shapes& s, const RowBlock& b) {
+  return t.narrow(2, b.l0, b.rows).reshape({s.B, s.Hkv, s.G * b.rows, t.size(3)});
+}
+
+// Which of the block's keys each grouped row sees, [B, 1, G * rows, reach]: padding (True = attend) and causality.
+// Undefined when it sees them all.
+Tensor block_visible(const Shapes& s, const OptTensor& attn_mask, bool is_causal, const RowBlock& b,
+                     const Tensor& like) {
+  if (!has(attn_mask) && !is_causal) return Tensor();
+  auto allowed = at::full({s.B, 1, b.rows, b.reach}, true, like.options().dtype(at::kBool));
+  if (has(attn_mask)) allowed = allowed.logical_and(attn_mask->narrow(1, 0, b.reach).view({s.B, 1, 1, b.reach}));
+  if (is_causal) {
+    const auto opts = like.options().dtype(at::kLong);
+    const auto rows = at::arange(b.l0, b.l0 + b.rows, opts).view({b.rows, 1});
+    allowed = allowed.logical_and(at::arange(b.reach, opts).view({1, b.reach}).le(rows.add(s.S - s.L)));
+  }
+  return allowed.unsqueeze(2).expand({s.B, 1, s.G, b.rows, b.reach}).reshape({s.B, 1, s.G * b.rows, b.reach});
 }
 
 // Whether the CPU kernel runs (else the dense path, which CUDA runs; PEFTOPS_PREFIX_DENSE=1 forces it on the CPU
@@ -114,9 +139,6 @@ Tensor in_sdpa_layout(const Tensor& t) {
   if (t.strides() == at::IntArrayRef({L * H * D, D, H * D, 1})) return t;
   return at::empty({B, L, H, D}, t.options()).transpose(1, 2).copy_(t);
 }
-
-// q as [B, Hkv, G * L, D] (q contiguous: a view; heads sharing a kv head are adjacent).
-Tensor grouped(const Tensor& q, const Shapes& s) { return q.reshape({s.B, s.Hkv, s.G * s.L, s.D}); }
 
 // The prefix for every query head: [Hkv, P, D] -> [Hq, P, D] ([B, Hkv, P, D] -> [B, Hq, P, D] per row). A copy of
 // the small prefix over the G heads that share a kv head, never over the batch.
@@ -152,18 +174,28 @@ Tensor head_reduce(const Tensor& a, const Tensor& c, const Shapes& s, bool per_r
   return out;
 }
 
-// Sequence segment: (o [B, Hq, L, D], lse [B, Hq, L] float, -inf where no key is visible): the grouped rows against
-// the keys with a transient [GL, S] matrix.
-std::tuple<Tensor, Tensor> sequence_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& visible,
-                                              const Shapes& s) {
+// Sequence segment: (o [B, Hq, L, D], lse [B, Hq, L] in the accumulation type, -inf where no key is visible), block
+// by block of query rows.
+std::tuple<Tensor, Tensor> sequence_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                              const OptTensor& attn_mask, bool is_causal, const Shapes& s) {
   const auto acc = at::toOpMathType(q.scalar_type());
-  const auto qg = grouped(q.contiguous(), s), vis = grouped_rows(visible, s);
-  auto z = at::matmul(qg.to(acc), k.to(acc).transpose(-1, -2)).mul_(s.scale);
-  if (vis.defined()) z.masked_fill_(vis.logical_not(), -kInf);  // a hidden NaN score is hidden, as in softmax
-  auto lse = at::logsumexp(z, {-1});
-  auto o = at::matmul(at::exp(z.sub_(lse.unsqueeze(-1))).nan_to_num_(0.0), v.to(acc)).to(q.scalar_type());
-  if (vis.defined()) lse.masked_fill_(vis.any(-1).logical_not(), -kInf);
-  return {o.view(q.sizes()), lse.view({s.B, s.Hq, s.L})};
+  auto o = at::zeros({s.B, s.Hq, s.L, s.D}, q.options().dtype(acc));
+  auto lse = at::full({s.B, s.Hq, s.L}, -kInf, o.options());
+  const auto ka = k.to(acc), va = v.to(acc);
+  const auto rows_per_block = sequence_block_rows(s, o.element_size());
+  for (int64_t l0 = 0; l0 < s.L; l0 += rows_per_block) {
+    const auto b = row_block(s, is_causal, l0, rows_per_block);
+    if (b.reach == 0) continue;  // these rows see only the prefix
+    auto z = at::matmul(block_rows(q, s, b).to(acc), ka.narrow(2, 0, b.reach).transpose(-1, -2)).mul_(s.scale);
+    const auto vis = block_visible(s, attn_mask, is_causal, b, q);
+    if (vis.defined()) z.masked_fill_(vis.logical_not(), -kInf);  // a hidden NaN score is hidden, as in softmax
+    auto lse_b = at::logsumexp(z, {-1});
+    const auto o_b = at::matmul(at::exp(z.sub_(lse_b.unsqueeze(-1))).nan_to_num_(0.0), va.narrow(2, 0, b.reach));
+    if (vis.defined()) lse_b.masked_fill_(vis.any(-1).logical_not(), -kInf);
+    o.narrow(2, b.l0, b.rows).copy_(o_b.view({s.B, s.Hq, b.rows, s.D}));
+    lse.narrow(2, b.l0, b.rows).copy_(lse_b.view({s.B, s.Hq, b.rows}));
+  }
+  return {o, lse};
 }
 
 std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -177,13 +209,13 @@ std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tenso
   auto p = head_gemm(q.to(acc), per_query_head(pk.to(acc), s).transpose(-1, -2), s, s.scale);
   const auto lse_p = at::logsumexp(p, {-1});
   const auto o_p = head_gemm(p.sub_(lse_p.unsqueeze(-1)).exp_(), per_query_head(pv.to(acc), s), s);
-  const auto [o_s, lse_s] = sequence_attention(q, k, v, visible_keys(s, attn_mask, is_causal, q), s);
+  const auto [o_s, lse_s] = sequence_attention(q, k, v, attn_mask, is_causal, s);
   // merge by log-sum-exp; a segment with no visible key has lse = -inf and weight 0. The output is laid out as
   // [B, L, Hq, D] in memory, as SDPA's, so that attention's transpose back to [B, L, Hq * D] is free.
   const auto lse = at::logaddexp(lse_p, lse_s);
   const auto w_p = at::exp(lse_p.sub(lse)).unsqueeze(-1), w_s = at::exp(lse_s.sub(lse)).unsqueeze(-1);
   auto out = at::empty({s.B, s.L, s.Hq, s.D}, q.options()).transpose(1, 2);
-  out.copy_(o_p.mul_(w_p).addcmul_(w_s, o_s.to(acc)));
+  out.copy_(o_p.mul_(w_p).addcmul_(w_s, o_s));
   return {out, lse.contiguous()};
 }
 
@@ -205,22 +237,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
   const auto dpv = per_kv_head(head_reduce(p, doa, s, per_row), s);
   const auto dpk = per_kv_head(head_reduce(dz, qa, s, per_row, s.scale), s);
   auto dq = head_gemm(dz, pk_q, s, s.scale);  // [B, Hq, L, D], contiguous
-  // sequence segment
-  Tensor dk, dv;
-  if (s.S == 0) {
-    dk = at::zeros(k.sizes(), k.options()), dv = at::zeros(v.sizes(), v.options());
-  } else {
-    const auto qg = grouped(qa.contiguous(), s), dog = grouped(doa.contiguous(), s);
-    const auto vis = grouped_rows(visible_keys(s, attn_mask, is_causal, q), s);
-    const auto lse_g = lse.view({s.B, s.Hkv, s.G * s.L}), delta_g = delta.view({s.B, s.Hkv, s.G * s.L, 1});
-    auto zs = at::matmul(qg, k.to(acc).transpose(-1, -2)).mul_(s.scale);
+  // sequence segment, block by block of query rows: dV and dK accumulate over the blocks that reach each key
+  auto dk = at::zeros(k.sizes(), k.options().dtype(acc)), dv = at::zeros(v.sizes(), v.options().dtype(acc));
+  const auto ka = k.to(acc), va = v.to(acc);
+  const auto rows_per_block = sequence_block_rows(s, dk.element_size());
+  for (int64_t l0 = 0; l0 < s.L; l0 += rows_per_block) {
+    const auto b = row_block(s, is_causal, l0, rows_per_block);
+    if (b.reach == 0) continue;
+    const auto qb = block_rows(qa, s, b), dob = block_rows(doa, s, b), kb = ka.narrow(2, 0, b.reach),
+               vb = va.narrow(2, 0, b.reach);
+    const auto vis = block_visible(s, attn_mask, is_causal, b, q);
+    auto zs = at::matmul(qb, kb.transpose(-1, -2)).mul_(s.scale);
     if (vis.defined()) zs.masked_fill_(vis.logical_not(), -kInf);
-    const auto ps = at::exp(zs.sub_(lse_g.unsqueeze(-1)));
-    dv = at::matmul(ps.transpose(-1, -2), dog);
-    auto dzs = ps.mul(at::matmul(dog, v.to(acc).transpose(-1, -2)).sub_(delta_g)).mul_(s.scale);
+    const auto ps = at::exp(zs.sub_(block_rows(lse.unsqueeze(-1), s, b)));
+    dv.narrow(2, 0, b.reach).add_(at::matmul(ps.transpose(-1, -2), dob));
+    auto dzs = ps.mul(at::matmul(dob, vb.transpose(-1, -2)).sub_(block_rows(delta, s, b))).mul_(s.scale);
     if (vis.defined()) dzs.masked_fill_(vis.logical_not(), 0.0);  // a hidden key's NaN value stays hidden (0 * NaN)
-    dq.view({s.B, s.Hkv, s.G * s.L, s.D}).add_(at::matmul(dzs, k.to(acc)));
-    dk = at::matmul(dzs.transpose(-1, -2), qg);
+    dq.narrow(2, b.l0, b.rows).add_(at::matmul(dzs, kb).view({s.B, s.Hq, b.rows, s.D}));
+    dk.narrow(2, 0, b.reach).add_(at::matmul(dzs.transpose(-1, -2), qb));
   }
   const auto dt = q.scalar_type();
   return {in_sdpa_layout(dq.to(dt)), in_sdpa_layout(dk.to(dt)), in_sdpa_layout(dv.to(dt)), dpk.to(dt).contiguous(),
