@@ -124,7 +124,10 @@ def test_multi_lora_matches_peft_mixed_batch():
     assert_close(y, expected, torch.float32, "peft mixed batch")
 
 
-def test_multi_lora_bad_indices():
+@pytest.mark.parametrize("path", ["kernels", "fallback"])
+def test_multi_lora_bad_indices(monkeypatch, path):
+    if path == "fallback":  # PEFTOPS_FALLBACK=1 with no kernel for the device: the same index errors
+        monkeypatch.setattr(peftops._extension, "use_kernels", lambda device: False)
     x, w = torch.randn(4, 8), torch.randn(6, 8)
     a, bb, s = torch.randn(2, 3, 8), torch.randn(2, 6, 3), torch.ones(2)
     with pytest.raises(ValueError, match=r"adapter_index\[2\] = 2 is out of range"):
@@ -135,6 +138,8 @@ def test_multi_lora_bad_indices():
         peftops.ops.multi_lora_linear(x, w, None, a, bb, s, torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="adapter_index must be int64"):
         peftops.ops.multi_lora_linear(x, w, None, a, bb, s, torch.tensor([0, 1, 0, 1], dtype=torch.int32))
+    if path == "fallback":
+        return  # its other checks are left to torch's own errors
     with pytest.raises(ValueError, match="lora_b must be"):
         peftops.ops.multi_lora_linear(x, w, None, a, torch.randn(3, 6, 3), s, torch.tensor([0, 1, 0, 1]))
     with pytest.raises(ValueError, match="scales must be"):

@@ -298,3 +298,45 @@ def test_every_op_under_cpu_autocast(name, backward_inside):
         y.float().square().sum().backward()
     assert y.dtype == (torch.float32 if name == "bias_dropout_add" else torch.bfloat16)
     torch.testing.assert_close(y.float(), expected.float(), rtol=0.05, atol=0.05 * expected.abs().max().item())
+
+
+def test_a_tensor_number_under_compile_is_a_named_error():
+    # eagerly a one-element tensor is read as the number; a traced tensor has no value, and the ops' schemas take
+    # floats: the error names the argument
+    f = torch.compile(lambda s: ops.lora_linear(_X, _W, None, torch.randn(2, 4), torch.randn(5, 2), s), fullgraph=True,
+                      backend="eager")
+    with pytest.raises(Exception, match="lora_linear: scale must be a Python number under torch.compile"):
+        f(torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+def test_bottleneck_activations_propagate_nan(activation):
+    h = torch.randn(3, 8)
+    h[1, 2] = float("nan")
+    args = (torch.randn(4, 8), torch.randn(4), torch.randn(8, 4), torch.randn(8))
+    out = ops.adapter_bottleneck(h, *args, activation=activation)
+    from peftops.ops import reference
+    expected = reference.adapter_bottleneck(h, *args, activation=activation)
+    assert expected[1].isnan().all() and not expected[0].isnan().any()
+    torch.testing.assert_close(out, expected, equal_nan=True)
+
+
+def test_bottleneck_residual_must_be_hs_shape():
+    h = torch.randn(2, 3, 8)
+    args = (torch.randn(4, 8), None, torch.randn(8, 4), None)
+    with pytest.raises(ValueError, match="residual must be h's shape"):
+        ops.adapter_bottleneck(h, *args, residual=torch.randn(3, 2, 8))  # as many rows, in another shape
+
+
+@pytest.mark.parametrize("where", ["lora_a", "lora_b"])
+def test_a_zero_scale_keeps_nan_in_the_adapter(where):
+    # peft computes B(A x) * scale: with scale 0 a NaN (or inf) in the adapter still reaches the output; the
+    # vendor GEMM's alpha = 0 would skip the product and hide it
+    x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
+    factors = {"lora_a": torch.randn(2, 4), "lora_b": torch.randn(5, 2)}
+    factors[where][0, 1] = float("nan") if where == "lora_a" else float("inf")
+    a, bb = factors["lora_a"], factors["lora_b"]
+    for out in (ops.lora_linear(x, w, b, a, bb, 0.0),
+                ops.dora_linear(x, w, b, a, bb, torch.ones(5), 0.0, 0.3),
+                ops.multi_lora_linear(x, w, b, a[None], bb[None], torch.zeros(1), torch.tensor([0, -1, 0]))):
+        assert out.isnan().any()

@@ -54,7 +54,7 @@ void check_inputs(const Tensor& h, const Tensor& w_down, const OptTensor& b_down
   const auto d_out = w_up.size(0);
   if (has(residual)) {
     TORCH_CHECK_VALUE(residual->dim() == h.dim() && residual->size(-1) == d_out &&
-                          rows(*residual).size(0) == rows(h).size(0),
+                          residual->sizes().slice(0, h.dim() - 1) == h.sizes().slice(0, h.dim() - 1),
                       "adapter_bottleneck: residual must be h's shape with ", d_out, " features, got ", residual->sizes());
   } else {
     TORCH_CHECK_VALUE(d_out == h.size(-1), "adapter_bottleneck: w_up maps to ", d_out, " features but the default "

@@ -12,7 +12,7 @@ enum class Activation : int { relu = 0, gelu = 1, gelu_tanh = 2, silu = 3 };
 template <typename T>
 PEFTOPS_HOST_DEVICE T activate(Activation act, T x) {
   switch (act) {
-    case Activation::relu: return x > T(0) ? x : T(0);
+    case Activation::relu: return x < T(0) ? T(0) : x;  // NaN stays NaN, as torch.relu
     case Activation::gelu: return T(0.5) * x * (T(1) + std::erf(x * T(0.70710678118654752440)));
     case Activation::gelu_tanh: {
       const T inner = T(0.79788456080286535588) * (x + T(0.044715) * x * x * x);

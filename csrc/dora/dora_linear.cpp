@@ -19,6 +19,7 @@
 
 #include <limits>
 
+#include "../common/products.h"
 #include "../lora/lora_linear.h"
 
 namespace peftops::dora {
@@ -92,7 +93,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_forward(const Tensor& x, 
   } else {  // x W^T + b + (g - 1) o z + s t B^T
     const auto x2 = x.reshape({-1, x.size(-1)});
     out = has(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-    out.addmm_(t.to(x.scalar_type()), lora_b.t(), 1.0, scale);
+    add_scaled_product(out, t.to(x.scalar_type()), lora_b.t(), scale);
     out = out.view(z.sizes()).add_(at::mul(z, g.sub(1)));
   }
   return {out, z, t, norm};

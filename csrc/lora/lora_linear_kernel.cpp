@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "../common/dropout.h"
+#include "../common/products.h"
 #include "lora_linear.h"
 
 namespace peftops::lora {
@@ -40,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward_kernel(const at::Tensor& 
   auto y = has(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
   const auto t = dropout_on(dropout_p, seed) ? dropout_shrink(x2, lora_a, seed, dropout_p)
                                              : at::mm(x2, lora_a.t());
-  y.addmm_(t, lora_b.t(), 1.0, scale);  // the up-projection added into the output in place
+  add_scaled_product(y, t, lora_b.t(), scale);  // the up-projection added into the output in place
   return {y.view(out_shape), t.to(at::toOpMathType(x.scalar_type()))};
 }
 

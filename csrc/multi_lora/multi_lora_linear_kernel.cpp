@@ -15,6 +15,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include "../common/products.h"
 #include "multi_lora_linear.h"
 
 namespace peftops::multi_lora {
@@ -36,7 +37,8 @@ struct SegmentRows {
   at::Tensor of(const at::Tensor& m) const { return first >= 0 ? m.narrow(0, first, count) : m.index_select(0, index); }
   void add_product(at::Tensor& m, const at::Tensor& p, const at::Tensor& q, double alpha) const {  // m += alpha p q
     if (first >= 0) {
-      m.narrow(0, first, count).addmm_(p, q, 1.0, alpha);
+      auto run = m.narrow(0, first, count);
+      add_scaled_product(run, p, q, alpha);
     } else {
       m.index_add_(0, index, at::mm(p, q), alpha);
     }

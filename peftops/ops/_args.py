@@ -15,6 +15,8 @@ def as_float(op: str, name: str, value) -> float:
     """A number argument (`scale`, `dropout_p`, `p`) as a Python float: a real number or a one-element tensor that
     needs no gradient (the ops take it as a constant); TypeError or ValueError naming the argument otherwise."""
     if isinstance(value, torch.Tensor):
+        if torch.compiler.is_compiling():  # the op's schema takes a float, which a traced tensor's value is not
+            raise TypeError(f"{op}: {name} must be a Python number under torch.compile, got a tensor")
         if value.numel() != 1:
             raise ValueError(f"{op}: {name} must be a number, got a tensor of shape {tuple(value.shape)}")
         if value.requires_grad:

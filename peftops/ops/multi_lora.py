@@ -17,6 +17,18 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, adapter_index):
                   scales=scales, adapter_index=adapter_index)
     if _extension.use_kernels(x.device):
         return torch.ops.peftops.multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, adapter_index)
+    # the kernels' index checks, which the fallback's reference needs too: it would skip an index it has no adapter for
+    if adapter_index.dtype != torch.int64:
+        raise TypeError(f"multi_lora_linear: adapter_index must be int64, got {adapter_index.dtype}")
+    tokens = x.shape[:-1].numel()
+    if adapter_index.shape != (tokens,):
+        raise ValueError(f"multi_lora_linear: adapter_index must be [{tokens}] (one entry per token row of x), got "
+                         f"shape {tuple(adapter_index.shape)}")
+    wrong = ((adapter_index < -1) | (adapter_index >= lora_a.shape[0])).nonzero()
+    if len(wrong):
+        i = int(wrong[0])
+        raise ValueError(f"multi_lora_linear: adapter_index[{i}] = {int(adapter_index[i])} is out of range "
+                         f"[-1, {lora_a.shape[0]})")
     return reference.multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, adapter_index)
 
 

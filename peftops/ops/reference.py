@@ -48,9 +48,20 @@ def apply_dropout(x: torch.Tensor, p: float, seed) -> torch.Tensor:
     return x * keep.to(x.dtype) / (1.0 - p)
 
 
+def philox_dropout(p: float, seed):
+    """The kernels' dropout for `seed` as a function of its input, or None when no dropout runs."""
+    return None if p == 0.0 or seed is None else lambda x: apply_dropout(x, p, seed)
+
+
+def lora_composed(x, weight, bias, lora_a, lora_b, scale, drop=None):
+    """peft's LoRA forward, x W^T + b + scale * drop(x) A^T B^T (`drop` the dropout, None for none), with the weight
+    used as given: a trainable one gets its gradient (the layers' path for that case)."""
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x if drop is None else drop(x), lora_a), lora_b)
+
+
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, seed=None):
     """x W^T + b + scale * dropout(x) A^T B^T; the mask is the kernels' Philox mask for `seed`."""
-    return F.linear(x, weight.detach(), bias) + scale * F.linear(F.linear(apply_dropout(x, dropout_p, seed), lora_a), lora_b)
+    return lora_composed(x, weight.detach(), bias, lora_a, lora_b, scale, philox_dropout(dropout_p, seed))
 
 
 def draw_seed(device, p: float, training: bool):
@@ -66,17 +77,22 @@ def bias_dropout_add(x, bias, residual, p=0.0, seed=None):
     return residual + apply_dropout(x + bias, p, seed)
 
 
-def ia3_linear(x, weight, bias, ia3_scale, feedforward=False):
-    """peft's IA3: output scaling `(x W^T + b) * l`, or input scaling `(x * l) W^T + b` for feed-forward layers."""
+def ia3_composed(x, weight, bias, ia3_scale, feedforward=False):
+    """peft's IA3: output scaling `(x W^T + b) * l`, or input scaling `(x * l) W^T + b` for feed-forward layers, with
+    the weight used as given (a trainable one gets its gradient)."""
     l = ia3_scale.reshape(-1)
     if feedforward:
-        return F.linear(x * l, weight.detach(), bias)
-    return F.linear(x, weight.detach(), bias) * l
+        return F.linear(x * l, weight, bias)
+    return F.linear(x, weight, bias) * l
+
+
+def ia3_linear(x, weight, bias, ia3_scale, feedforward=False):
+    return ia3_composed(x, weight.detach(), bias, ia3_scale, feedforward)
 
 
 def ia3_glu_linear(gate, up, weight, bias, ia3_scale):
     """peft's IA3 on a gated feed-forward block's down projection: `((gate * up) * l) W^T + b`."""
-    return F.linear(gate * up * ia3_scale.reshape(-1), weight.detach(), bias)
+    return ia3_composed(gate * up, weight.detach(), bias, ia3_scale, feedforward=True)
 
 
 def multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, adapter_index):
@@ -91,14 +107,17 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, adapter_index):
 
 
 def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p=0.0, seed=None):
-    """peft's DoRA, literally (peft/tuners/lora/dora.py): the norm of W + s B A is detached; with dropout, the
-    base output of the dropped input is recomputed, as peft does."""
-    weight = weight.detach()
+    return dora_composed(x, weight.detach(), bias, lora_a, lora_b, magnitude, scale, philox_dropout(dropout_p, seed))
+
+
+def dora_composed(x, weight, bias, lora_a, lora_b, magnitude, scale, drop=None):
+    """peft's DoRA, literally (peft/tuners/lora/dora.py): the norm of W + s B A is detached; with dropout (`drop`),
+    the base output of the dropped input is recomputed, as peft does. The weight is used as given."""
     norm = torch.linalg.norm(weight + scale * (lora_b @ lora_a).detach(), dim=1).detach()
     g = magnitude / norm
     result = F.linear(x, weight, bias)
-    if dropout_p > 0.0 and seed is not None:
-        x = apply_dropout(x, dropout_p, seed)
+    if drop is not None:
+        x = drop(x)
         base = F.linear(x, weight)
     else:
         base = result - bias if bias is not None else result
