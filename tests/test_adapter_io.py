@@ -203,3 +203,18 @@ def test_peft_classification_file_with_its_head_loads(tmp_path, cls):
     narrower = peftops.patch(build(), LoraConfig(r=4, alpha=8, target_modules=targets))
     with pytest.raises(ValueError, match="wrong shapes.*" + head):  # a head of another width is named, not loaded
         peftops.load_adapter(narrower, tmp_path)
+    # saved again, the head goes with the adapter (peft's task type and modules_to_save), so both peftops and peft
+    # get the same logits back on a model whose head starts elsewhere
+    peftops.save_adapter(ours, tmp_path / "again")
+    config.num_labels = 3
+
+    def other_head():
+        model = build()
+        torch.nn.init.normal_(getattr(model, head).weight, 0, 1)
+        return model
+
+    fresh = peftops.patch(other_head(), LoraConfig(r=4, alpha=8, target_modules=targets))
+    peftops.load_adapter(fresh, tmp_path / "again")
+    assert_close(fresh(input_ids=ids).logits, ref(input_ids=ids).logits, what="reloaded by peftops")
+    theirs = peft.PeftModel.from_pretrained(other_head(), tmp_path / "again")
+    assert_close(theirs.eval()(input_ids=ids).logits, ref(input_ids=ids).logits, what="reloaded by peft")

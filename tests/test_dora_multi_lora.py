@@ -182,6 +182,17 @@ def test_backend_dora_with_two_active_adapters_falls_back():
     assert_close(out, output(ref, input_ids()), what="fallback")
 
 
+def test_a_base_weight_made_trainable_gets_its_gradient():
+    # as for LoRA (test_patch_lora.py): the layer runs peft's DoRA in plain PyTorch, so the weight gets peft's gradient
+    ours, ref = dora_pair("llama", dropout=0.0)
+    name = "model.layers.0.self_attn.q_proj.base_layer.weight"
+    ours.get_parameter(name).requires_grad_(True)
+    ref.get_parameter(peft_name(name)).requires_grad_(True)
+    with pytest.warns(UserWarning, match="base weight is trainable"):
+        check_outputs_and_grads(ours, ref, peft_name)
+    assert ours.get_parameter(name).grad.abs().sum() > 0
+
+
 # Mixed-adapter batches, backend mode ------------------------------------------------------------------------------
 def many_adapters(n, family="llama"):
     """(patched, reference) peft models with adapters a0..a{n-1} of ranks 1..8 on partly different layers."""
@@ -229,7 +240,7 @@ def test_mixed_batches_match_peft(n, names, monkeypatch):
     row = names.index(names[0])
     ref.set_adapter(names[0])
     assert_close(expected[row], output(ref, ids)[row], what="row vs single adapter")
-    assert_close(mixed(ours, ids, names, grad=True), expected, what="with grad enabled (uncached)")
+    assert_close(mixed(ours, ids, names, grad=True), expected, what="with grad enabled")
 
 
 def test_mixed_batches_gpt2_and_bert():
@@ -240,7 +251,7 @@ def test_mixed_batches_gpt2_and_bert():
         assert_close(mixed(ours, ids, names), output_with(ref, ids, names), what=family)
 
 
-def test_mixed_cache_follows_weight_updates():
+def test_mixed_batches_follow_weight_updates():
     ours, ref = many_adapters(3)
     ids, names = input_ids(batch=3), ["a0", "a1", "a2"]
     mixed(ours, ids, names)
@@ -255,6 +266,11 @@ def test_mixed_cache_follows_weight_updates():
             if "lora_A.a2" in name:
                 p.data = p.data * 3
     assert_close(mixed(ours, ids, names), output_with(ref, ids, names), what="after replacing .data")
+    for model in (ours, ref):  # in place through .data: neither the storage nor any version counter changes
+        for name, p in model.named_parameters():
+            if "lora_B.a0" in name:
+                p.data.mul_(3)
+    assert_close(mixed(ours, ids, names), output_with(ref, ids, names), what="after an in-place edit of .data")
 
 
 def test_mixed_bf16_loosely():

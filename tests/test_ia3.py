@@ -6,10 +6,12 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import peftops
 from ia3_helpers import ia3_pair, ours_to_peft_name, peft_ia3_config, randomize_ia3, with_random_biases
 from peftops import IA3Config
+from peftops.layers import Ia3Linear
 from tiny_models import BUILDERS, assert_close, input_ids, output, outputs_match_then_backward, tiny_bert, tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -322,3 +324,19 @@ def test_half_precision_model_keeps_float32_vectors_as_peft():
     torch.testing.assert_close(out.float(), output(ref, ids).float(), rtol=0.02, atol=0.02)
     out.float().square().mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_a_base_weight_made_trainable_gets_its_gradient(feedforward):
+    layer = Ia3Linear(nn.Linear(12, 10), feedforward=feedforward)
+    with torch.no_grad():
+        layer.ia3_l.uniform_(0.5, 1.5)
+    layer.base_layer.weight.requires_grad_(True)
+    x = torch.randn(3, 12)
+    with pytest.warns(UserWarning, match="base weight is trainable"):
+        layer(x).square().sum().backward()
+    w, l, b = (t.detach().clone().requires_grad_() for t in (layer.base_layer.weight, layer.ia3_l, layer.base_layer.bias))
+    y = torch.nn.functional.linear(x * l, w, b) if feedforward else torch.nn.functional.linear(x, w, b) * l.view(-1)
+    y.square().sum().backward()
+    for ours, ref in ((layer.base_layer.weight, w), (layer.ia3_l, l), (layer.base_layer.bias, b)):
+        torch.testing.assert_close(ours.grad, ref.grad)

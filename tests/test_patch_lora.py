@@ -41,6 +41,19 @@ def test_matches_peft(family, config):
     check_against_peft(ours.train(), ref.train(), input_ids())
 
 
+def test_a_base_weight_made_trainable_gets_its_gradient():
+    # The ops never give the frozen base weight a gradient; a layer whose base weight the user unfreezes runs peft's
+    # formulas in plain PyTorch (warned), so the weight gets the gradient that peft gives it (DoRA: in
+    # test_dora_multi_lora.py).
+    ours, ref = patched_pair(tiny_llama, LoraConfig(r=4, alpha=8))
+    name = "model.layers.0.self_attn.q_proj.base_layer.weight"
+    ours.get_parameter(name).requires_grad_(True)
+    ref.get_parameter(ours_to_peft_name(name)).requires_grad_(True)
+    with pytest.warns(UserWarning, match="base weight is trainable"):
+        check_against_peft(ours.eval(), ref.eval(), input_ids())
+    assert ours.get_parameter(name).grad.abs().sum() > 0
+
+
 def test_matches_peft_on_every_linear_by_regex():
     # A regex target (full match, as peft) over all of Llama's projections, the MLP included.
     config = LoraConfig(r=4, alpha=16, target_modules=r".*\.(q|k|v|o|gate|up|down)_proj")

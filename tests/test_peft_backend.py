@@ -194,6 +194,13 @@ def test_backend_mode_errors():
     ours, _ = peft_pair()
     with pytest.raises(ValueError, match="without a config"):
         peftops.patch(ours, peftops.LoraConfig())
+    # the transformers model inside it holds peft's layers: adapter mode would stack on them (all-linear would wrap
+    # their lora_A and lora_B too)
+    inner = ours.base_model.model
+    for config in (peftops.LoraConfig(target_modules="all-linear"), peftops.IA3Config(), peftops.BitFitConfig()):
+        with pytest.raises(ValueError, match="holds peft adapter layers"):
+            peftops.patch(inner, config)
+    assert not any(isinstance(m, (peftops.layers.LoraLinear, peftops.layers.Ia3Linear)) for m in inner.modules())
 
 
 def test_bfloat16_base_with_float32_factors(op_calls):

@@ -125,9 +125,10 @@ def adapter_tensors(model, state) -> dict:
 
 def _peft_config_dict(model, state) -> dict:
     technique = _TECHNIQUES[type(state.config)]
-    return {"peft_type": technique.peft_type, "task_type": None,
+    task, heads = head_task(model)
+    return {"peft_type": technique.peft_type, "task_type": task,
             "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
-            "fan_in_fan_out": _uses_conv1d(model, state), "inference_mode": True, "modules_to_save": None,
+            "fan_in_fan_out": _uses_conv1d(model, state), "inference_mode": True, "modules_to_save": heads or None,
             "revision": None,
             **technique.config_fields(model, state)}
 
@@ -216,10 +217,11 @@ def write_weights(path: str, tensors: dict):
 
 
 def save_peft_format(model, state, path: str):
-    """Write an adapter-mode LoRA / IA3 model's adapter in peft's format."""
+    """Write an adapter-mode LoRA / IA3 model's adapter in peft's format; a classification model's head goes with
+    it, as in peft's files of that task (a head that a transformers model builds at random must travel with it)."""
     if any(model.get_submodule(n).merged for n in state.layer_names):
         raise ValueError("the adapter is merged into the base weights; save it before merging")
-    write_weights(path, adapter_tensors(model, state))
+    write_weights(path, {**adapter_tensors(model, state), **head_tensors(model, _PREFIX)})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(_peft_config_dict(model, state), f, indent=2, sort_keys=True)
 

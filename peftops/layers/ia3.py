@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from .lora import WrapsLayer, adapter_dtype, base_weight, cast_to, wrapped_shape
+from ..ops import reference
+from .lora import WrapsLayer, adapter_dtype, base_weight, cast_to, trains_base, wrapped_shape
 
 
 class Ia3Linear(WrapsLayer, nn.Module):
@@ -28,13 +29,15 @@ class Ia3Linear(WrapsLayer, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        return ops.ia3_linear(x, base_weight(self.base_layer), self.base_layer.bias, self._scale(),
-                              feedforward=self.feedforward)
+        weight = base_weight(self.base_layer)
+        if trains_base(weight):
+            return reference.ia3_composed(x, weight, self.base_layer.bias, self._scale(), self.feedforward)
+        return ops.ia3_linear(x, weight, self.base_layer.bias, self._scale(), feedforward=self.feedforward)
 
     def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """This feed-forward layer over a gated block's product `gate * up`, keeping only the two factors for
         backward (ops.ia3_glu_linear); peftops.patch routes Llama-style MLPs through it."""
-        if self.merged or not self.feedforward:
+        if self.merged or not self.feedforward or self.base_layer.weight.requires_grad:
             return self(gate * up)
         return ops.ia3_glu_linear(gate, up, base_weight(self.base_layer), self.base_layer.bias, self._scale())
 

@@ -1,10 +1,14 @@
 """LoraLinear: a LoRA drop-in over nn.Linear or transformers' GPT-2 Conv1D, computed by the fused op."""
+import functools
 import math
+import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops import reference
 
 
 def conv1d_class():
@@ -43,6 +47,16 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 def cast_to(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return p if p.dtype == dtype else p.to(dtype)
+
+
+def trains_base(weight: torch.Tensor) -> bool:
+    """Whether a base weight that a user made trainable wants its gradient now. The ops never give it one, so such a
+    layer runs peft's formulas in plain PyTorch instead, as peft would (warned once)."""
+    if not (weight.requires_grad and torch.is_grad_enabled()):
+        return False
+    warnings.warn("peftops: a patched layer's base weight is trainable; that layer runs unfused in plain PyTorch so "
+                  "that the weight gets its gradient", stacklevel=3)
+    return True
 
 
 class WrapsLayer:
@@ -94,8 +108,13 @@ class LoraLinear(WrapsLayer, nn.Module):
             return self.base_layer(x)
         weight = base_weight(self.base_layer)
         a, b, bias = cast_to(self.lora_A, weight.dtype), cast_to(self.lora_B, weight.dtype), self.base_layer.bias
+        magnitude = cast_to(self.lora_magnitude_vector, weight.dtype) if self.use_dora else None
+        if trains_base(weight):
+            drop = functools.partial(F.dropout, p=self.dropout) if self.training and self.dropout > 0 else None
+            if self.use_dora:
+                return reference.dora_composed(x, weight, bias, a, b, magnitude, self.scaling, drop)
+            return reference.lora_composed(x, weight, bias, a, b, self.scaling, drop)
         if self.use_dora:
-            magnitude = cast_to(self.lora_magnitude_vector, weight.dtype)
             return ops.dora_linear(x, weight, bias, a, b, magnitude, self.scaling, self.dropout, training=self.training)
         return ops.lora_linear(x, weight, bias, a, b, self.scaling, self.dropout, training=self.training)
 

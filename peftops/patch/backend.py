@@ -24,6 +24,15 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
+def peft_layer_names(model) -> list:
+    """The modules of `model` that are peft tuner layers (a peft model's inner transformers model holds them)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+
+
 
 
 def _plain_base(base: nn.Module) -> bool:
@@ -166,8 +175,7 @@ def unpatch_peft(model) -> nn.Module:
         if is_replaced(module):
             restore_forward(module)
             del module.__dict__[_WARNED]
-            module.__dict__.pop(STACK_CACHE, None)
     return model
 
 
-from .backend_mixed import STACK_CACHE, mixed_forward  # noqa: E402  (it uses the helpers above)
+from .backend_mixed import mixed_forward  # noqa: E402  (it uses the helpers above)

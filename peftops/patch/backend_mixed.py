@@ -14,9 +14,6 @@ from ..layers.lora import base_weight
 from .backend import adapter_reason, base_reason, warn_once
 from .forwards import call_original
 
-STACK_CACHE = "_peftops_stacked_lora"  # (key, stacked factors) of the last inference call
-
-
 def _reason(module, x, args, kwargs, names):
     reason = base_reason(module, x, args, kwargs)
     if reason is not None:
@@ -34,23 +31,14 @@ def _reason(module, x, args, kwargs, names):
 
 
 def _stacked(module, names, dtype):
-    """(lora_a [n, r, in], lora_b [n, out, r], scales [n]) of `names`, cast to `dtype`. When no gradient can flow
-    (peft allows adapter_names only at inference) the result is cached until a factor is replaced (identity, storage)
-    or changed in place (version counter), so generation does not restack every layer at every step."""
-    weights = tuple(w for n in names for w in (module.lora_A[n].weight, module.lora_B[n].weight))
-    scaling = tuple(float(module.scaling[n]) for n in names)
-    key = (tuple(names), dtype, scaling, tuple((w.data_ptr(), w._version) for w in weights))
-    cached = module.__dict__.get(STACK_CACHE)
-    if cached is not None and cached[0] == key and all(w is c for w, c in zip(weights, cached[1])):
-        return cached[2]
-    pairs = list(zip(weights[::2], weights[1::2]))
+    """(lora_a [n, r, in], lora_b [n, out, r], scales [n]) of `names`, cast to `dtype`, stacked at every call (about
+    20 us per layer): a cache would miss in-place edits through `.data`, which no version counter sees."""
+    pairs = [(module.lora_A[n].weight.to(dtype), module.lora_B[n].weight.to(dtype)) for n in names]
     r = max(a.shape[0] for a, _ in pairs)
-    lora_a = torch.stack([F.pad(a.to(dtype), (0, 0, 0, r - a.shape[0])) for a, _ in pairs])
-    lora_b = torch.stack([F.pad(b.to(dtype), (0, r - b.shape[1])) for _, b in pairs])
-    stacked = (lora_a, lora_b, torch.tensor(scaling, dtype=torch.float32, device=lora_a.device))
-    if not (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
-        module.__dict__[STACK_CACHE] = (key, weights, stacked)
-    return stacked
+    lora_a = torch.stack([a if a.shape[0] == r else F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _ in pairs])
+    lora_b = torch.stack([b if b.shape[1] == r else F.pad(b, (0, r - b.shape[1])) for _, b in pairs])
+    scales = torch.tensor([float(module.scaling[n]) for n in names], dtype=torch.float32, device=lora_a.device)
+    return lora_a, lora_b, scales
 
 
 def mixed_forward(self, x, *args, adapter_names, **kwargs):
