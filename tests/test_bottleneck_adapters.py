@@ -313,3 +313,25 @@ def test_houlsby_on_llama_attention_keeps_the_projection_input(monkeypatch, acti
     assert saved_p - saved == 2 * ids.numel() * 32 * 4  # one h per layer (2 layers, hidden 32, float32)
     peftops.unpatch(fused)
     assert not any(CHILD in vars(m) or bottleneck.is_replaced(m) for m in fused.modules())
+
+
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby", "parallel"])
+def test_adapters_are_float32_over_a_bfloat16_model(placement):
+    # as peft's adapters and peftops' LoRA: float32 parameters, cast to the model's dtype in each forward, so that a
+    # small optimizer step is not rounded away; the outputs stay close to the float32 model's with the same weights
+    model = peftops.patch(BUILDERS["llama"](), AdapterConfig(bottleneck=4, placement=placement))
+    randomize(model)
+    ids = input_ids()
+    expected = output(model, ids)
+    half = model.to(torch.bfloat16)
+    for m in half.modules():
+        if isinstance(m, BottleneckAdapter):
+            m.float()
+    trained = [p for p in half.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    out = output(half, ids)
+    assert out.dtype == torch.bfloat16 and (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+    loss_of(out).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
+    fresh = peftops.patch(BUILDERS["llama"]().to(torch.bfloat16), AdapterConfig(bottleneck=4, placement=placement))
+    assert all(p.dtype == torch.float32 for p in fresh.parameters() if p.requires_grad)

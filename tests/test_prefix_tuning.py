@@ -343,3 +343,51 @@ def test_roberta_style_positions_are_refused():
     with pytest.raises(ValueError, match="RoBERTa"):
         peftops.patch(model, peftops.PrefixConfig(P))
     assert not any(p.requires_grad is False for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["falcon", "opt"])
+def test_models_the_prefix_would_not_reach_are_refused(family):
+    # Falcon's attention has a layer_idx but computes attention itself (the registry would never see the prefix);
+    # OPT counts positions from the attention mask, which holds peft's prefix: both would silently differ from peft
+    import transformers
+    if family == "falcon":
+        model = transformers.FalconForCausalLM(transformers.FalconConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            new_decoder_architecture=False, multi_query=False))
+        match = "FalconAttention computes its own"
+    else:
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=0))
+        match = "position ids counted from the attention mask"
+    with pytest.raises(ValueError, match=match):
+        peftops.patch(model, peftops.PrefixConfig(P))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("flags", [dict(scale_attn_by_inverse_layer_idx=True), dict(scale_attn_weights=False)])
+def test_gpt2_attention_scaling_flags_as_peft(flags):
+    # transformers 4.x GPT-2 hands its scaling flags to eager attention only (no `scaling` argument)
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **flags)).eval()
+    base.config._attn_implementation = "eager"
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                          num_virtual_tokens=P))
+    ours = peftops.patch(base, peftops.PrefixConfig(P))
+    with torch.no_grad():
+        ref.prompt_encoder["default"].embedding.weight.copy_(pf.to_peft_layout(pf.prefixes(ours, state(ours))))
+    assert_close(ours(input_ids=IDS).logits, ref.eval()(input_ids=IDS).logits, what="logits")
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_parameters_are_float32_over_a_bfloat16_model(projection):
+    # as peft's prompt encoder (and peftops' LoRA and IA3): optimizer updates are not lost to bf16 rounding
+    model = peftops.patch(tiny_llama().to(torch.bfloat16), peftops.PrefixConfig(P, prefix_projection=projection))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    out = model(input_ids=IDS).logits
+    assert out.dtype == torch.bfloat16
+    loss_of(out).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)

@@ -7,6 +7,7 @@ from torch import nn
 
 from .. import _extension, ops
 from ..ops.reference import ACTIVATIONS
+from .lora import cast_to
 
 
 _RECOVERABLE = (torch.float32, torch.float64)
@@ -17,7 +18,8 @@ class BottleneckAdapter(nn.Module):
     identity (residual + 0); `down` is Kaiming-uniform as nn.Linear's weight, so the first step already moves `up`.
     `save_output`: backward keeps the output instead of the input (see ops.adapter_bottleneck), for a placement whose
     output the model keeps anyway; float32 and float64 only (a 16-bit output's rounding would carry into the recovered
-    input, and a 16-bit model's norm keeps a float32 copy rather than the output)."""
+    input, and a 16-bit model's norm keeps a float32 copy rather than the output). Over a 16-bit model the parameters
+    are float32 (`dtype` as peftops.layers.adapter_dtype gives it), cast to the input's dtype for each forward."""
 
     def __init__(self, hidden: int, bottleneck: int, activation: str = "relu", scale: float = 1.0, *,
                  save_output: bool = False, dtype=None, device=None):
@@ -30,9 +32,12 @@ class BottleneckAdapter(nn.Module):
         self.up_bias = nn.Parameter(torch.zeros(hidden, **kw))
         nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
 
+    def _weights(self, dtype: torch.dtype) -> tuple:
+        return tuple(cast_to(p, dtype) for p in (self.down, self.down_bias, self.up, self.up_bias))
+
     def forward(self, h: torch.Tensor, residual: "torch.Tensor | None" = None) -> torch.Tensor:
-        return ops.adapter_bottleneck(h, self.down, self.down_bias, self.up, self.up_bias, activation=self.activation,
-                                      scale=self.scale, residual=residual,
+        return ops.adapter_bottleneck(h, *self._weights(h.dtype), activation=self.activation, scale=self.scale,
+                                      residual=residual,
                                       save_output=self.save_output and residual is None and h.dtype in _RECOVERABLE)
 
     def projected(self, x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None") -> torch.Tensor:
@@ -40,7 +45,7 @@ class BottleneckAdapter(nn.Module):
         backward in place of h: x is the attention output, which SDPA keeps for its own backward anyway."""
         if torch.is_autocast_enabled(x.device.type) or not _extension.use_kernels(x.device):
             return self(F.linear(x, weight, bias))
-        return _ProjectedBottleneck.apply(x, weight, bias, self.down, self.down_bias, self.up, self.up_bias,
+        return _ProjectedBottleneck.apply(x, weight, bias, *self._weights(x.dtype),
                                           list(ACTIVATIONS).index(self.activation), self.scale)
 
     def extra_repr(self) -> str:

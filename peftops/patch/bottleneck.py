@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..layers.bottleneck import BottleneckAdapter
+from ..layers.lora import adapter_dtype
 from .adapter import STATE_ATTR, check_unpatched
 from .forwards import call_original, is_replaced, replace_forward, restore_forward
 
@@ -164,10 +165,10 @@ def patch_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str) ->
     for name, forward, layer in plan:
         module = model.get_submodule(name)
         if forward is not _hand_on_input:
-            ref = next(module.parameters())  # the adapter lives in the sublayer's dtype and device
+            ref = next(module.parameters())  # the adapter lives on the sublayer's device, in float32 over 16 bits
             module.add_module(CHILD, BottleneckAdapter(hidden, config.bottleneck, config.activation, config.scale,
-                                                       save_output=forward is _layer_forward, dtype=ref.dtype,
-                                                       device=ref.device))
+                                                       save_output=forward is _layer_forward,
+                                                       dtype=adapter_dtype(ref.dtype), device=ref.device))
             holders.append(name)
         if forward in (_hand_on_input, _parallel_forward):
             setattr(module, STREAM, streams.setdefault(layer, [None]))

@@ -14,6 +14,7 @@ writes its files): the prefix of layer l is rows 2l (keys) and 2l+1 (values) of 
 because peft puts the prefix in the KV cache, positions are shifted by P (`_shift_positions`): a model numbers its
 tokens after what its cache holds, BERT's absolute positions as a causal LM's."""
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 from .. import ops
 from ..config import PrefixConfig
 from .adapter import STATE_ATTR, check_unpatched
+from ..layers.lora import adapter_dtype
 from .forwards import replace_forward, restore_forward
 
 ATTN_NAME = "peftops_prefix"
@@ -166,6 +168,10 @@ def prefix_attention_forward(module, query, key, value, attention_mask, dropout=
     for name in ("sliding_window", "softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"prefix attention does not support {name} ({type(module).__name__})")
+    if scaling is None and hasattr(module, "scale_attn_weights"):  # transformers 4.x GPT-2 leaves its flags to eager
+        scaling = query.shape[-1] ** -0.5 if module.scale_attn_weights else 1.0
+        if getattr(module, "scale_attn_by_inverse_layer_idx", False):
+            scaling /= module.layer_idx + 1
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     padding, causal = _padding_and_causal(attention_mask, query.shape[0], query.shape[2], key.shape[2], causal)
     pk, pv = (t.to(query.dtype) for t in layer_prefix(module))
@@ -215,6 +221,26 @@ def _shape(model):
     return layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_source(cls) -> str:
+    """The source of a module class's forward ("" when it has none to read)."""
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def _positions_from_mask(model):
+    """The class of a module of the model whose forward derives position ids from the attention mask (OPT, BioGpt in
+    transformers 4.x), else None. peft's prefix is in that mask, so it numbers a left-padded row's tokens from P,
+    where the shift of _shift_positions would count the padding too."""
+    for cls in {type(m) for m in model.modules() if not isinstance(m, nn.Embedding)}:
+        source = _forward_source(cls)
+        if "cumsum(" in source and "position_ids" in source:
+            return cls.__name__
+    return None
+
+
 def _attention_modules(model, num_layers):
     """The self-attention modules, in layer order, and whether they call transformers' attention-function registry
     (else they are BERT-style modules that compute attention themselves, as BERT in transformers 4.x: their forward
@@ -223,6 +249,10 @@ def _attention_modules(model, num_layers):
                 and hasattr(m, "layer_idx") and hasattr(m, "is_causal") and not getattr(m, "is_cross_attention", False)
                 and not any(type(c).__name__.endswith("Attention") and hasattr(c, "layer_idx") for c in m.children())]
     if len(registry) == num_layers:
+        own = {type(m).__name__ for _, m in registry if "ALL_ATTENTION_FUNCTIONS" not in _forward_source(type(m))}
+        if own:  # switching the model's attention implementation would not reach them: the prefix would be ignored
+            raise ValueError(f"prefix tuning needs attention that goes through transformers' attention registry; "
+                             f"{', '.join(sorted(own))} computes its own")
         return registry, True
     legacy = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("SelfAttention")
               and "crossattention" not in n and hasattr(m, "attention_head_size") and not hasattr(m, "is_causal")
@@ -284,9 +314,13 @@ def patch_prefix(model: nn.Module, config: PrefixConfig, adapter_name: str) -> n
         # cache, after it: not the positions _shift_positions gives, so refused rather than computed differently
         raise ValueError(f"prefix tuning does not support {type(embeddings).__name__}'s padding-based position ids "
                          "(RoBERTa-style models)")
+    counting = _positions_from_mask(model)
+    if counting is not None:
+        raise ValueError(f"prefix tuning does not support {counting}'s position ids counted from the attention mask")
     register()
 
-    P, dtype = config.num_virtual_tokens, next(model.parameters()).dtype
+    # float32 over a 16-bit model, as peft's prompt encoder (cast to the queries' dtype in attention)
+    P, dtype = config.num_virtual_tokens, adapter_dtype(next(model.parameters()).dtype)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
