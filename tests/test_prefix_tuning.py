@@ -391,3 +391,26 @@ def test_prefix_parameters_are_float32_over_a_bfloat16_model(projection):
     assert out.dtype == torch.bfloat16
     loss_of(out).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
+
+
+def test_a_sliding_window_longer_than_every_key_changes_nothing():
+    # Mistral's config defaults to a 4096-key window: no key of a short sequence falls out of it, with the prefix or
+    # without, so peft's logits; a window the keys outgrow is a clear error
+    from transformers import MistralConfig, MistralForCausalLM
+
+    def build(window):
+        torch.manual_seed(0)
+        return MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                sliding_window=window)).eval()
+
+    ref = peft.get_peft_model(build(4096), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    ours = peftops.patch(build(4096), peftops.PrefixConfig(P))
+    with torch.no_grad():
+        ref.prompt_encoder["default"].embedding.weight.copy_(pf.to_peft_layout(pf.prefixes(ours, state(ours))))
+    am = mask("left")
+    assert_close(ours(input_ids=IDS, attention_mask=am).logits, ref.eval()(input_ids=IDS, attention_mask=am).logits,
+                 what="logits")
+    short = peftops.patch(build(8), peftops.PrefixConfig(P))
+    with pytest.raises(ValueError, match="sliding window"):
+        short(input_ids=IDS)

@@ -165,16 +165,20 @@ def prefix_attention_forward(module, query, key, value, attention_mask, dropout=
     if _LAYER not in module.__dict__:
         raise RuntimeError(f"{type(module).__name__} runs with attn_implementation={ATTN_NAME!r} but holds no "
                            "prefix: patch the model with peftops.patch(model, PrefixConfig(...))")
-    for name in ("sliding_window", "softcap", "s_aux"):
+    for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"prefix attention does not support {name} ({type(module).__name__})")
+    pk, pv = (t.to(query.dtype) for t in layer_prefix(module))
+    window, keys = kwargs.get("sliding_window"), pk.shape[-2] + key.shape[2]
+    if window is not None and keys > window:  # a window as long as every key (Mistral's 4096, say) changes nothing
+        raise ValueError(f"prefix attention does not support a sliding window ({window} keys) shorter than the "
+                         f"prefix plus the sequence ({keys} keys) ({type(module).__name__})")
     if scaling is None and hasattr(module, "scale_attn_weights"):  # transformers 4.x GPT-2 leaves its flags to eager
         scaling = query.shape[-1] ** -0.5 if module.scale_attn_weights else 1.0
         if getattr(module, "scale_attn_by_inverse_layer_idx", False):
             scaling /= module.layer_idx + 1
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     padding, causal = _padding_and_causal(attention_mask, query.shape[0], query.shape[2], key.shape[2], causal)
-    pk, pv = (t.to(query.dtype) for t in layer_prefix(module))
     if dropout > 0.0:
         out = _materialised(query, key, value, pk, pv, padding, causal, scaling, dropout)
     else:
