@@ -218,3 +218,66 @@ def test_peft_classification_file_with_its_head_loads(tmp_path, cls):
     assert_close(fresh(input_ids=ids).logits, ref(input_ids=ids).logits, what="reloaded by peftops")
     theirs = peft.PeftModel.from_pretrained(other_head(), tmp_path / "again")
     assert_close(theirs.eval()(input_ids=ids).logits, ref(input_ids=ids).logits, what="reloaded by peft")
+
+
+def _bert_classifier():
+    import transformers
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        num_labels=3)).eval()
+
+
+def test_a_head_that_an_adapter_wraps_is_saved_as_that_adapter(tmp_path):
+    # "all-linear" reaches a classification head: it is an adapted layer, so the file is a plain LoRA file (no task
+    # head of its own) that peft and peftops load onto the same base with the same logits
+    ours = peftops.patch(_bert_classifier(), LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize_lora(ours)
+    peftops.save_adapter(ours, tmp_path)
+    config = json.load(open(tmp_path / "adapter_config.json"))
+    assert config["task_type"] is None and config["modules_to_save"] is None
+    ids = input_ids(vocab=100)
+    again = peftops.load_adapter(peftops.patch(_bert_classifier(), LoraConfig(r=4, alpha=8,
+                                                                             target_modules="all-linear")), tmp_path)
+    assert_close(again(input_ids=ids).logits, ours(input_ids=ids).logits, what="peftops")
+    theirs = peft.PeftModel.from_pretrained(_bert_classifier(), tmp_path).eval()
+    assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, what="peft")
+
+
+def test_a_file_with_a_head_loads_into_a_peft_model_without_that_task(tmp_path):
+    # a file saved from a classification model carries its head; peftops.load_adapter into a peft model built
+    # without the task puts the head into the base model, as it does in adapter mode
+    ours = peftops.patch(_bert_classifier(), LoraConfig(r=4, alpha=8, target_modules=["query", "value"]))
+    randomize_lora(ours)
+    with torch.no_grad():
+        ours.classifier.weight.normal_()
+    peftops.save_adapter(ours, tmp_path)
+    target = peft.get_peft_model(_bert_classifier(), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                     target_modules=["query", "value"]))
+    peftops.load_adapter(target, tmp_path)
+    ids = input_ids(vocab=100)
+    assert_close(target.eval()(input_ids=ids).logits, ours(input_ids=ids).logits, what="logits")
+
+
+@pytest.mark.parametrize("config", [peftops.BitFitConfig(), peftops.AdapterConfig(bottleneck=4)],
+                         ids=["bitfit", "bottleneck"])
+def test_own_format_reads_a_legacy_bin_as_data_only(tmp_path, monkeypatch, config):
+    # as the peft-format files: a plain-tensor adapter_model.bin loads, one that would run code is refused
+    monkeypatch.chdir(tmp_path)
+    source = peftops.patch(tiny_gpt2(), config)
+    with torch.no_grad():
+        for p in source.parameters():
+            if p.requires_grad:
+                p.normal_()
+    peftops.save_adapter(source, str(tmp_path / "a"))
+    tensors = peftops.io.read_weights(str(tmp_path / "a"))
+    os.remove(tmp_path / "a" / "adapter_model.safetensors")
+    torch.save(tensors, tmp_path / "a" / "adapter_model.bin")
+    target = peftops.patch(tiny_gpt2(), config)
+    peftops.load_adapter(target, str(tmp_path / "a"))
+    ids = input_ids()
+    assert torch.equal(output(target, ids), output(source, ids))
+    torch.save({"x": _RunsCode()}, tmp_path / "a" / "adapter_model.bin")
+    with pytest.raises(ValueError, match="would run code"):
+        peftops.load_adapter(target, str(tmp_path / "a"))
+    assert not os.path.exists(tmp_path / "SHOULD_NOT_EXIST")

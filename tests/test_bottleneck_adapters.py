@@ -335,3 +335,10 @@ def test_adapters_are_float32_over_a_bfloat16_model(placement):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
     fresh = peftops.patch(BUILDERS["llama"]().to(torch.bfloat16), AdapterConfig(bottleneck=4, placement=placement))
     assert all(p.dtype == torch.float32 for p in fresh.parameters() if p.requires_grad)
+
+
+def test_the_projected_adapter_runs_on_the_meta_device():
+    # shape inference (device="meta") has no autocast state to ask about
+    adapter = BottleneckAdapter(8, 4).to("meta")
+    x, w = torch.empty(2, 3, 6, device="meta"), torch.empty(8, 6, device="meta")
+    assert adapter.projected(x, w, None).shape == (2, 3, 8)

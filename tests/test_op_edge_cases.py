@@ -313,12 +313,16 @@ def test_a_tensor_number_under_compile_is_a_named_error():
 def test_bottleneck_activations_propagate_nan(activation):
     h = torch.randn(3, 8)
     h[1, 2] = float("nan")
-    args = (torch.randn(4, 8), torch.randn(4), torch.randn(8, 4), torch.randn(8))
+    h.requires_grad_()
+    args = [torch.randn(s, requires_grad=True) for s in ((4, 8), (4,), (8, 4), (8,))]
     out = ops.adapter_bottleneck(h, *args, activation=activation)
     from peftops.ops import reference
     expected = reference.adapter_bottleneck(h, *args, activation=activation)
     assert expected[1].isnan().all() and not expected[0].isnan().any()
     torch.testing.assert_close(out, expected, equal_nan=True)
+    g = torch.randn_like(out)
+    for ours, theirs in zip(torch.autograd.grad(out, [h, *args], g), torch.autograd.grad(expected, [h, *args], g)):
+        torch.testing.assert_close(ours, theirs, equal_nan=True)  # relu's gradient passes at NaN, as torch's
 
 
 def test_bottleneck_residual_must_be_hs_shape():

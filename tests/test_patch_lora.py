@@ -15,6 +15,11 @@ from tiny_models import (BUILDERS, assert_close, input_ids, loss_of, minilm, out
 pytest.importorskip("peft")
 
 
+def frozen(layer: nn.Module) -> nn.Module:
+    """A base layer as peftops.patch leaves it (a trainable weight would take the unfused path)."""
+    return layer.requires_grad_(False)
+
+
 def check_against_peft(ours, ref, ids, rtol=1e-5):
     """Outputs, every trainable parameter's gradient, and the set of trainable parameters match peft's."""
     out_ours, out_ref = output(ours, ids), output(ref, ids)
@@ -92,7 +97,7 @@ def test_gpt2_conv1d_layer_uses_transposed_weight():
 
 
 def test_init_as_peft():
-    layer = LoraLinear(nn.Linear(40, 24), r=4, scaling=2.0)
+    layer = LoraLinear(frozen(nn.Linear(40, 24)), r=4, scaling=2.0)
     assert layer.lora_A.shape == (4, 40) and layer.lora_B.shape == (24, 4)
     assert torch.all(layer.lora_B == 0)
     bound = 1 / math.sqrt(40)  # kaiming_uniform_(a=sqrt(5)) on fan_in 40
@@ -209,7 +214,7 @@ def test_merge_matches_unmerged(family):
 
 
 def test_layer_merge_then_forward_is_base_only():
-    layer = LoraLinear(nn.Linear(5, 7), r=2, scaling=0.5)
+    layer = LoraLinear(frozen(nn.Linear(5, 7)), r=2, scaling=0.5)
     randomize_lora(layer)
     x = torch.randn(4, 5)
     before = layer(x)
@@ -303,10 +308,28 @@ def test_double_patch_is_a_clear_error_never_a_double_adapter():
     count = sum(isinstance(m, LoraLinear) for m in model.modules())
     with pytest.raises(ValueError, match="already patched"):
         peftops.patch(model, LoraConfig(r=4))
-    with pytest.raises(ValueError, match="already holds peftops LoRA layers"):
+    with pytest.raises(ValueError, match="already holds modules that peftops patched"):
         peftops.patch(model.model, LoraConfig(r=4, target_modules=["q_proj"]))  # a submodule of a patched model
     assert sum(isinstance(m, LoraLinear) for m in model.modules()) == count
     assert not any(isinstance(m.base_layer, LoraLinear) for m in model.modules() if isinstance(m, LoraLinear))
+
+
+@pytest.mark.parametrize("first,second", [
+    (peftops.PrefixConfig(3), peftops.PrefixConfig(3)),  # a second position shift and prefix
+    (peftops.BitFitConfig(), peftops.IA3Config()),       # IA3 would freeze BitFit's biases
+    (peftops.AdapterConfig(bottleneck=4), LoraConfig(r=2)),
+    (peftops.IA3Config(), peftops.AdapterConfig(bottleneck=4))])
+def test_a_submodule_or_parent_of_a_patched_model_is_refused(first, second):
+    for outer_first in (True, False):
+        model = tiny_gpt2()
+        inner = model.transformer
+        peftops.patch(model if outer_first else inner, first)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        flags = [p.requires_grad for p in model.parameters()]
+        with pytest.raises(ValueError, match="already"):
+            peftops.patch(inner if outer_first else model, second)
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_unpatch_and_merge_need_a_patched_model():
@@ -317,7 +340,7 @@ def test_unpatch_and_merge_need_a_patched_model():
 
 
 def test_autocast_casts_like_nn_linear():
-    layer = LoraLinear(nn.Linear(16, 8), r=2, scaling=1.0)
+    layer = LoraLinear(frozen(nn.Linear(16, 8)), r=2, scaling=1.0)
     randomize_lora(layer)
     x = torch.randn(4, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -414,3 +414,24 @@ def test_a_sliding_window_longer_than_every_key_changes_nothing():
     short = peftops.patch(build(8), peftops.PrefixConfig(P))
     with pytest.raises(ValueError, match="sliding window"):
         short(input_ids=IDS)
+
+
+def test_models_sharing_one_config_object_stay_independent():
+    # the attention implementation is switched on the config, which models built from one config object share: the
+    # patched model gets its own copy, so a reference model beside it keeps its outputs, and unpatching one patched
+    # model leaves another's prefix on
+    from transformers import GPT2Config, GPT2LMHeadModel
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+
+    def build():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(config).eval()
+
+    reference = build()
+    before = reference(input_ids=IDS).logits
+    a, b = (peftops.patch(build(), peftops.PrefixConfig(P)) for _ in range(2))
+    assert torch.equal(reference(input_ids=IDS).logits, before)
+    out_b = b(input_ids=IDS).logits
+    assert not torch.equal(out_b, before)  # b's prefix is on
+    peftops.unpatch(a)
+    assert torch.equal(b(input_ids=IDS).logits, out_b)

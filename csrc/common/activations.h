@@ -26,7 +26,7 @@ PEFTOPS_HOST_DEVICE T activate(Activation act, T x) {
 template <typename T>
 PEFTOPS_HOST_DEVICE T activate_grad(Activation act, T x) {
   switch (act) {
-    case Activation::relu: return x > T(0) ? T(1) : T(0);
+    case Activation::relu: return x <= T(0) ? T(0) : T(1);  // at NaN the gradient passes, as torch's
     case Activation::gelu:
       return T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440))) +
              x * T(0.39894228040143267794) * std::exp(T(-0.5) * x * x);

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .peft_format import SAFETENSORS_NAME, check_tensors, read_weights, write_weights
+from .peft_format import check_tensors, read_weights, write_weights
 
 
 def model_info(model) -> dict:
@@ -47,7 +47,7 @@ def load_own(model, path: str, config_name: str, header: dict, expected: dict, w
     model_type = model_info(model)["model_type"]
     if saved.get("model_type") is not None and model_type is not None and saved["model_type"] != model_type:
         raise ValueError(f"adapter in {path} was saved from a {saved['model_type']} model, not {model_type}")
-    loaded = read_weights(path) if os.path.isfile(os.path.join(path, SAFETENSORS_NAME)) else {}
+    loaded = read_weights(path)  # safetensors, or a legacy .bin read only as plain data
     check_tensors(path, expected, loaded)
     with torch.no_grad():
         for name, param in expected.items():

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from ..config import IA3Config, LoraConfig
-from ..layers.lora import conv1d_class
+from ..layers.wrapped import conv1d_class
 from ..patch import adapter
 from ..patch.targets import default_lora_targets, is_feedforward
 
@@ -141,10 +141,15 @@ _HEAD_TASKS = (("ForSequenceClassification", "SEQ_CLS", ("classifier", "score"))
 
 
 def head_task(model) -> tuple:
-    """(peft's task type, the head modules' names) of a model with a classification head, else (None, [])."""
+    """(peft's task type, the head modules' names) of a model with a classification head, else (None, []). A head that
+    an adapter wraps ("all-linear" reaches it) is saved as that adapter, so the model counts as one without a head."""
+    from ..layers import Ia3Linear, LoraLinear
     for suffix, task, heads in _HEAD_TASKS:
         if type(model).__name__.endswith(suffix):
-            return task, [h for h in heads if isinstance(getattr(model, h, None), torch.nn.Module)]
+            found = [h for h in heads if isinstance(getattr(model, h, None), torch.nn.Module)]
+            if any(isinstance(getattr(model, h), (LoraLinear, Ia3Linear)) for h in found):
+                return None, []
+            return task, found
     return None, []
 
 
@@ -247,7 +252,10 @@ def load_into_peft(model, path: str):
     if technique is None:
         raise ValueError(f"peftops.load_adapter loads LoRA or IA3 adapters into peft models, not {kind}")
     _check_config(path, technique, technique.peft_expected(model, name))
-    loaded = read_weights(path)
-    check_tensors(path, get_peft_model_state_dict(model, adapter_name=name), loaded)
-    set_peft_model_state_dict(model, loaded, adapter_name=name)
+    expected = get_peft_model_state_dict(model, adapter_name=name)
+    # a file saved from a classification model carries its head; a peft model without that task keeps the head in
+    # its base model, where it goes (as for adapter mode)
+    heads = {k: p for k, p in head_tensors(model.get_base_model(), _PREFIX).items() if k not in expected}
+    loaded = read_checked(path, expected, heads)
+    set_peft_model_state_dict(model, {k: v for k, v in loaded.items() if k not in heads}, adapter_name=name)
     return model

@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import _extension, ops
 from ..ops.reference import ACTIVATIONS
-from .lora import cast_to
+from .wrapped import cast_to
 
 
 _RECOVERABLE = (torch.float32, torch.float64)
@@ -43,7 +43,8 @@ class BottleneckAdapter(nn.Module):
     def projected(self, x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None") -> torch.Tensor:
         """h + A(h) with h = x W^T + b, a frozen projection's output (a Llama attention's o_proj), keeping x for
         backward in place of h: x is the attention output, which SDPA keeps for its own backward anyway."""
-        if torch.is_autocast_enabled(x.device.type) or not _extension.use_kernels(x.device):
+        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # meta has no autocast
+        if autocast or not _extension.use_kernels(x.device):
             return self(F.linear(x, weight, bias))
         return _ProjectedBottleneck.apply(x, weight, bias, *self._weights(x.dtype),
                                           list(ACTIVATIONS).index(self.activation), self.scale)

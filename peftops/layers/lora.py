@@ -1,7 +1,6 @@
 """LoraLinear: a LoRA drop-in over nn.Linear or transformers' GPT-2 Conv1D, computed by the fused op."""
 import functools
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -9,75 +8,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import reference
-
-
-def conv1d_class():
-    """transformers' Conv1D (weight stored [in, out]), or None when transformers is not installed."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
-
-
-def is_supported(module: nn.Module) -> bool:
-    conv1d = conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
-
-
-def wrapped_shape(base_layer: nn.Module, owner: str):
-    """(out_features, in_features) of a base layer the peftops layer `owner` wraps; a clear error for any other."""
-    if not is_supported(base_layer):
-        raise ValueError(f"{owner} wraps nn.Linear or transformers' Conv1D, not {type(base_layer).__name__}")
-    if not base_layer.weight.is_floating_point():
-        raise ValueError(f"{owner} needs a floating-point base weight, got {base_layer.weight.dtype}")
-    return base_weight(base_layer).shape
-
-
-def base_weight(module: nn.Module) -> torch.Tensor:
-    """The base weight as [out, in]: Conv1D's is stored [in, out], so it is a transposed view (no copy)."""
-    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
-
-
-def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """As peft's autocast_adapter_dtype: adapters over a float16 / bfloat16 base are float32 parameters (cast to the
-    base's dtype for each forward), so training updates and saved files are float32."""
-    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
-
-
-def cast_to(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return p if p.dtype == dtype else p.to(dtype)
-
-
-def trains_base(weight: torch.Tensor) -> bool:
-    """Whether a base weight that a user made trainable wants its gradient now. The ops never give it one, so such a
-    layer runs peft's formulas in plain PyTorch instead, as peft would (warned once)."""
-    if not (weight.requires_grad and torch.is_grad_enabled()):
-        return False
-    warnings.warn("peftops: a patched layer's base weight is trainable; that layer runs unfused in plain PyTorch so "
-                  "that the weight gets its gradient", stacklevel=3)
-    return True
-
-
-class WrapsLayer:
-    """What a module that owns the wrapped layer may read from it, as peft's tuner layers forward them: the base
-    layer's own `weight` and `bias` (in its storage layout) and its feature counts."""
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
-
-    @property
-    def in_features(self) -> int:
-        return base_weight(self.base_layer).shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return base_weight(self.base_layer).shape[0]
+from .wrapped import WrapsLayer, adapter_dtype, base_weight, cast_to, unfused_for_base_grad, wrapped_shape
 
 
 class LoraLinear(WrapsLayer, nn.Module):
@@ -109,7 +40,7 @@ class LoraLinear(WrapsLayer, nn.Module):
         weight = base_weight(self.base_layer)
         a, b, bias = cast_to(self.lora_A, weight.dtype), cast_to(self.lora_B, weight.dtype), self.base_layer.bias
         magnitude = cast_to(self.lora_magnitude_vector, weight.dtype) if self.use_dora else None
-        if trains_base(weight):
+        if unfused_for_base_grad(weight):
             drop = functools.partial(F.dropout, p=self.dropout) if self.training and self.dropout > 0 else None
             if self.use_dora:
                 return reference.dora_composed(x, weight, bias, a, b, magnitude, self.scaling, drop)

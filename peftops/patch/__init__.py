@@ -23,8 +23,8 @@ def patch(model: nn.Module, config=None, *, adapter_name: str = "default") -> nn
     held = backend.peft_layer_names(model)
     if held:
         raise ValueError(f"model holds peft adapter layers ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
-                         "a config would stack adapters on them: patch the PeftModel without a config (backend "
-                         "mode), or merge_and_unload() it first")
+                         "a config would stack adapters on them: backend mode takes the peft.PeftModel itself "
+                         "(peftops.patch(peft_model)); or merge and unload peft's adapters first")
     config.__post_init__()  # validated again: a config's fields may have been changed since it was built
     return _PATCHERS[type(config)](model, config, adapter_name)
 

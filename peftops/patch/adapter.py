@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..config import IA3Config, LoraConfig
+from ..layers.bottleneck import BottleneckAdapter
 from ..layers.ia3 import Ia3Linear
 from ..layers.lora import LoraLinear
 from .gated_mlp import fuse_gated_blocks, unfuse_gated_blocks
@@ -45,11 +46,14 @@ def check_unpatched(model: nn.Module):
         name = type(state.config).__name__.replace("Config", "")
         raise ValueError(f"model is already patched by peftops ({name}, adapter {state.adapter_name!r}); "
                          "call peftops.unpatch(model) first")
-    for kind, cls in (("LoRA", LoraLinear), ("IA3", Ia3Linear)):
-        present = [n for n, m in model.named_modules() if isinstance(m, cls)]
-        if present:
-            raise ValueError(f"model already holds peftops {kind} layers at {present}; patching again would stack "
-                             "adapters")
+    # a submodule patched on its own, or the parent of a patched model: every peftops change to a module is a layer
+    # of its own or leaves a "_peftops..." entry in the module's __dict__
+    touched = [n or type(model).__name__ for n, m in model.named_modules()
+               if isinstance(m, (LoraLinear, Ia3Linear, BottleneckAdapter)) or any(k.startswith("_peftops") for k in m.__dict__)]
+    if touched:
+        shown = ", ".join(touched[:3]) + (", ..." if len(touched) > 3 else "")
+        raise ValueError(f"model already holds modules that peftops patched ({shown}); patching again would stack "
+                         "adapters: unpatch first")
 
 
 def _no_op(module, args):

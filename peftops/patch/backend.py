@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..layers.lora import base_weight, conv1d_class
+from ..layers.wrapped import base_weight, conv1d_class, wants_base_grad
 from .forwards import call_original, is_replaced, replace_forward, restore_forward
 
 _WARNED = "_peftops_warned"  # the set of fallback reasons already warned about, shared by one patch call
@@ -31,8 +31,6 @@ def peft_layer_names(model) -> list:
     except ImportError:
         return []
     return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
-
-
 
 
 def _plain_base(base: nn.Module) -> bool:
@@ -61,7 +59,7 @@ def base_reason(module, x, args, kwargs):
     weight = base.weight
     if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
         return f"base weight of type {type(weight).__name__}"
-    if weight.requires_grad:
+    if wants_base_grad(weight):
         return "a trainable base weight (the op never gives the base weight a gradient)"
     return None
 

@@ -5,7 +5,7 @@ several active adapters multiply their vectors; peft casts the input to the vect
 fused op cannot, so mixed dtypes run peft's forward (with one warning)."""
 
 from .. import ops
-from ..layers.lora import base_weight
+from ..layers.wrapped import base_weight
 from .backend import base_reason, warn_once
 from .forwards import call_original
 

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..layers.lora import base_weight
+from ..layers.wrapped import base_weight
 from .backend import adapter_reason, base_reason, warn_once
 from .forwards import call_original
+
 
 def _reason(module, x, args, kwargs, names):
     reason = base_reason(module, x, args, kwargs)

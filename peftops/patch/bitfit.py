@@ -20,10 +20,9 @@ from torch import nn
 
 from .. import ops
 from ..config import BitFitConfig
-from ..layers.lora import base_weight, conv1d_class
+from ..layers.wrapped import base_weight, conv1d_class
 from .adapter import STATE_ATTR, check_unpatched
 from .forwards import call_original, is_replaced, replace_forward, restore_forward
-
 
 
 @dataclass

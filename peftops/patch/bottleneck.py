@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..layers.bottleneck import BottleneckAdapter
-from ..layers.lora import adapter_dtype
+from ..layers.wrapped import adapter_dtype
 from .adapter import STATE_ATTR, check_unpatched
 from .forwards import call_original, is_replaced, replace_forward, restore_forward
 
@@ -153,9 +153,6 @@ def _hidden_size(model) -> int:
 
 def patch_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str) -> nn.Module:
     check_unpatched(model)
-    present = [n for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)]
-    if present:
-        raise ValueError(f"model already holds peftops bottleneck adapters at {present}; patching again would stack")
     plan = _plan(model, config.placement)  # validated before the model is touched
     hidden = _hidden_size(model)
     flags = [(p, p.requires_grad) for p in model.parameters()]

@@ -13,6 +13,7 @@ writes its files): the prefix of layer l is rows 2l (keys) and 2l+1 (values) of 
 `Linear(token_dim, hidden) -> tanh -> Linear(hidden, layers * 2 * token_dim)` over P virtual-token embeddings; and,
 because peft puts the prefix in the KV cache, positions are shifted by P (`_shift_positions`): a model numbers its
 tokens after what its cache holds, BERT's absolute positions as a causal LM's."""
+import copy
 import functools
 import inspect
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from torch import nn
 from .. import ops
 from ..config import PrefixConfig
 from .adapter import STATE_ATTR, check_unpatched
-from ..layers.lora import adapter_dtype
+from ..layers.wrapped import adapter_dtype
 from .forwards import replace_forward, restore_forward
 
 ATTN_NAME = "peftops_prefix"
@@ -272,6 +273,15 @@ def _attention_modules(model, num_layers):
                      f"{len(legacy)} such layers in {kind}, expected {num_layers}")
 
 
+def _own_config(model):
+    """Gives the model a copy of its config that only it holds: the attention implementation is switched on the config,
+    which models built from one config object share (a reference model beside the patched one, say)."""
+    shared, own = model.config, copy.copy(model.config)
+    for module in model.modules():
+        if module.__dict__.get("config") is shared:
+            module.config = own
+
+
 def _set_attn_implementation(model, name):
     try:
         model.set_attn_implementation(name)
@@ -343,6 +353,7 @@ def patch_prefix(model: nn.Module, config: PrefixConfig, adapter_name: str) -> n
     hook = model.base_model.register_forward_pre_hook(functools.partial(_shift_positions, P), with_kwargs=True)
     old = model.config._attn_implementation
     if through_registry:
+        _own_config(model)
         _set_attn_implementation(model, ATTN_NAME)
     else:
         for _, module in found:

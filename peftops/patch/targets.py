@@ -3,7 +3,7 @@ import re
 
 from torch import nn
 
-from ..layers.lora import is_supported
+from ..layers.wrapped import is_supported
 
 # Used only when peft is not installed; peft's own mapping covers many more families.
 _DEFAULT_LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
