@@ -385,3 +385,19 @@ def test_half_precision_model_keeps_float32_adapters_as_peft(use_dora):
     merged, ref_merged = peftops.merge(ours), ref.merge_and_unload()
     for (name, w), (_, w_ref) in zip(merged.named_parameters(), ref_merged.named_parameters()):
         assert torch.equal(w, w_ref), name
+
+
+def test_a_trainable_base_weight_compiles_with_fullgraph():
+    # the unfused path's warning is not traced (dynamo cannot), so torch.compile(fullgraph=True) still works
+    layer = LoraLinear(nn.Linear(6, 5), r=2, scaling=1.0)
+    randomize_lora(layer)
+    x = torch.randn(3, 6)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    compiled(x).square().sum().backward()
+    got = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    with pytest.warns(UserWarning, match="base weight is trainable"):
+        layer(x).square().sum().backward()
+    for g, p in zip(got, layer.parameters()):
+        assert_close(g, p.grad, what="grad")
