@@ -401,3 +401,17 @@ def test_a_trainable_base_weight_compiles_with_fullgraph():
         layer(x).square().sum().backward()
     for g, p in zip(got, layer.parameters()):
         assert_close(g, p.grad, what="grad")
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=2), peftops.IA3Config(), peftops.AdapterConfig(bottleneck=4),
+                                    peftops.PrefixConfig(3)], ids=lambda c: type(c).__name__)
+def test_unpatch_restores_flags_of_parameters_replaced_since(config):
+    # load_state_dict(assign=True) (or model.to("meta")) puts new parameter objects in place: unpatch restores
+    # requires_grad by name
+    model = tiny_llama()
+    model.lm_head.requires_grad_(False)  # a pattern of the user's own
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    peftops.patch(model, config)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    peftops.unpatch(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before

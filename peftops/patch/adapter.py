@@ -19,7 +19,7 @@ class PatchState:
     config: object  # LoraConfig | IA3Config
     adapter_name: str
     layer_names: list
-    requires_grad: list  # [(parameter, flag)]
+    requires_grad: list  # [(parameter name, flag)] before patching
     gated_blocks: list = field(default_factory=list)  # feed-forward blocks whose forward IA3 took over
     nested_tensor_flags: list = field(default_factory=list)  # [(nn.TransformerEncoder, use_nested_tensor before)]
 
@@ -78,11 +78,25 @@ def _keep_off_fast_paths(model: nn.Module, names: list) -> list:
     return flags
 
 
+def freeze(model: nn.Module) -> list:
+    """Freezes every parameter; returns their requires_grad flags before, by name, for restore_flags: by name, so
+    that parameters replaced since (model.to("meta"), load_state_dict(assign=True)) get their flags back too."""
+    flags = [(n, p.requires_grad) for n, p in model.named_parameters(remove_duplicate=False)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return flags
+
+
+def restore_flags(model: nn.Module, flags: list):
+    """After unpatching has put every module back where it was (so the names are the original ones again)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, flag in flags:
+        params[name].requires_grad_(flag)
+
+
 def _insert(model: nn.Module, config, adapter_name: str, layers: dict) -> list:
     """Freeze every parameter, put `layers` in place and record the state; returns the layers."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
+    flags = freeze(model)
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
     model.__dict__[STATE_ATTR] = PatchState(config, adapter_name, list(layers), flags,
@@ -133,8 +147,7 @@ def unpatch_layers(model: nn.Module, merge: bool = False) -> nn.Module:
         if merge:
             layer.merge()
         _set_submodule(model, name, layer.base_layer)
-    for p, flag in state.requires_grad:
-        p.requires_grad_(flag)
+    restore_flags(model, state.requires_grad)
     for encoder, flag in state.nested_tensor_flags:
         encoder.use_nested_tensor = flag
     del model.__dict__[STATE_ATTR]

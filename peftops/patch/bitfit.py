@@ -21,7 +21,7 @@ from torch import nn
 from .. import ops
 from ..config import BitFitConfig
 from ..layers.wrapped import base_weight, conv1d_class
-from .adapter import STATE_ATTR, check_unpatched
+from .adapter import STATE_ATTR, check_unpatched, freeze, restore_flags
 from .forwards import call_original, is_replaced, replace_forward, restore_forward
 
 
@@ -30,7 +30,7 @@ class BitFitState:
     config: BitFitConfig
     adapter_name: str
     layer_names: list  # modules whose forward is replaced
-    requires_grad: list  # [(parameter, flag)] before patching
+    requires_grad: list  # [(parameter name, flag)] before patching
     trainable: list  # names of the parameters BitFit trains (the keys of its adapter file)
 
 
@@ -168,10 +168,8 @@ def patch_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> n
         raise ValueError(f"BitFit trains biases, but {kind} has no {what} (e.g. Llama's layers have none)")
     fused, linear, blocks = _plan(model)
 
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    flags = freeze(model)
     params = dict(model.named_parameters())
-    for p, _ in flags:
-        p.requires_grad_(False)
     for n in trainable:
         params[n].requires_grad_(True)
     for names, forward in ((fused, _output_forward), (linear, _bias_linear_forward)):
@@ -202,6 +200,5 @@ def unpatch_bitfit(model: nn.Module) -> nn.Module:
         restore_forward(module)
         for attr in (_PAIR, _RESIDUAL, _BLOCK_API):
             module.__dict__.pop(attr, None)
-    for p, flag in state.requires_grad:
-        p.requires_grad_(flag)
+    restore_flags(model, state.requires_grad)
     return model

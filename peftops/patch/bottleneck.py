@@ -22,7 +22,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..layers.bottleneck import BottleneckAdapter
 from ..layers.wrapped import adapter_dtype
-from .adapter import STATE_ATTR, check_unpatched
+from .adapter import STATE_ATTR, check_unpatched, freeze, restore_flags
 from .forwards import call_original, is_replaced, replace_forward, restore_forward
 
 CHILD = "bottleneck_adapter"
@@ -36,7 +36,7 @@ class BottleneckState:
     layer_names: list  # modules given an adapter child (and, but for a Llama attention, a new forward)
     relay_names: list  # modules given only a new forward (the norm that hands r on to a parallel adapter, the o_proj
     # that runs its attention's adapter)
-    requires_grad: list  # [(parameter, flag)] before patching
+    requires_grad: list  # [(parameter name, flag)] before patching
 
 
 def _post_forward(self, *args, **kwargs):
@@ -155,9 +155,7 @@ def patch_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str) ->
     check_unpatched(model)
     plan = _plan(model, config.placement)  # validated before the model is touched
     hidden = _hidden_size(model)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
+    flags = freeze(model)
     streams, holders, relays = {}, [], []
     for name, forward, layer in plan:
         module = model.get_submodule(name)
@@ -190,8 +188,7 @@ def unpatch_adapter(model: nn.Module) -> nn.Module:
                 delattr(module, attr)
         if is_replaced(module):  # (an attention whose o_proj runs its adapter keeps its own forward)
             restore_forward(module)
-    for p, flag in state.requires_grad:
-        p.requires_grad_(flag)
+    restore_flags(model, state.requires_grad)
     return model
 
 

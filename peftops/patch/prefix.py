@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import ops
 from ..config import PrefixConfig
-from .adapter import STATE_ATTR, check_unpatched
+from .adapter import STATE_ATTR, check_unpatched, freeze, restore_flags
 from ..layers.wrapped import adapter_dtype
 from .forwards import replace_forward, restore_forward
 
@@ -39,7 +39,7 @@ class PrefixState:
     config: PrefixConfig
     adapter_name: str
     attention_names: list  # the patched attention modules, in layer order
-    requires_grad: list  # [(parameter, flag)] before patching
+    requires_grad: list  # [(parameter name, flag)] before patching
     attn_implementation: object  # the model's before patching
     module_forwards: bool  # the attention modules' forwards were replaced (no attention registry)
     position_hook: object  # handle of the position shift, or None
@@ -335,13 +335,12 @@ def patch_prefix(model: nn.Module, config: PrefixConfig, adapter_name: str) -> n
 
     # float32 over a 16-bit model, as peft's prompt encoder (cast to the queries' dtype in attention)
     P, dtype = config.num_virtual_tokens, adapter_dtype(next(model.parameters()).dtype)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    flags = freeze(model)
     encoder = None
     if config.prefix_projection:
         hidden = config.encoder_hidden_size or num_kv * head_dim
-        encoder = PrefixEncoder(P, num_kv * head_dim, hidden, num_layers, dtype).to(flags[0][0].device)
+        encoder = PrefixEncoder(P, num_kv * head_dim, hidden, num_layers, dtype).to(device)
         model.add_module(ENCODER, encoder)
     for index, (_, module) in enumerate(found):
         module.__dict__[_LAYER] = (index, encoder)
@@ -349,7 +348,7 @@ def patch_prefix(model: nn.Module, config: PrefixConfig, adapter_name: str) -> n
         if encoder is None:  # peft's init: its nn.Embedding is N(0, 1)
             for name in (KEY, VALUE):
                 module.register_parameter(name, nn.Parameter(torch.randn(num_kv, P, head_dim, dtype=dtype,
-                                                                         device=flags[0][0].device)))
+                                                                         device=device)))
     hook = model.base_model.register_forward_pre_hook(functools.partial(_shift_positions, P), with_kwargs=True)
     old = model.config._attn_implementation
     if through_registry:
@@ -402,6 +401,5 @@ def unpatch_prefix(model: nn.Module) -> nn.Module:
         state.position_hook.remove()
     if not state.module_forwards:
         _set_attn_implementation(model, state.attn_implementation)
-    for p, flag in state.requires_grad:
-        p.requires_grad_(flag)
+    restore_flags(model, state.requires_grad)
     return model
