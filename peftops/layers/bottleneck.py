@@ -19,7 +19,7 @@ class BottleneckAdapter(nn.Module):
     `save_output`: backward keeps the output instead of the input (see ops.adapter_bottleneck), for a placement whose
     output the model keeps anyway; float32 and float64 only (a 16-bit output's rounding would carry into the recovered
     input, and a 16-bit model's norm keeps a float32 copy rather than the output). Over a 16-bit model the parameters
-    are float32 (`dtype` as peftops.layers.adapter_dtype gives it), cast to the input's dtype for each forward."""
+    are float32 (peftops.patch passes wrapped.adapter_dtype's choice), cast to the input's dtype for each forward."""
 
     def __init__(self, hidden: int, bottleneck: int, activation: str = "relu", scale: float = 1.0, *,
                  save_output: bool = False, dtype=None, device=None):

@@ -24,8 +24,8 @@ from torch import nn
 
 from .. import ops
 from ..config import PrefixConfig
-from .adapter import STATE_ATTR, check_unpatched, freeze, restore_flags
 from ..layers.wrapped import adapter_dtype
+from .adapter import STATE_ATTR, check_unpatched, freeze, restore_flags
 from .forwards import replace_forward, restore_forward
 
 ATTN_NAME = "peftops_prefix"
@@ -238,7 +238,8 @@ def _forward_source(cls) -> str:
 def _positions_from_mask(model):
     """The class of a module of the model whose forward derives position ids from the attention mask (OPT, BioGpt in
     transformers 4.x), else None. peft's prefix is in that mask, so it numbers a left-padded row's tokens from P,
-    where the shift of _shift_positions would count the padding too."""
+    where the shift of _shift_positions would count the padding too. Position embeddings themselves (OPT's) count
+    from the mask only when given no position ids, and the shift always gives them: they are not asked."""
     for cls in {type(m) for m in model.modules() if not isinstance(m, nn.Embedding)}:
         source = _forward_source(cls)
         if "cumsum(" in source and "position_ids" in source:
