@@ -415,3 +415,23 @@ def test_unpatch_restores_flags_of_parameters_replaced_since(config):
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
     peftops.unpatch(model)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+def test_unpatch_after_the_user_patched_a_disjoint_submodule():
+    # a submodule peftops did not touch may be patched on its own; unpatching the outer model first still restores
+    # every flag it recorded, one that the inner patch renamed (down_proj's weight) by the parameter itself
+    model = peftops.patch(tiny_llama(), peftops.IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[]))
+    mlp = model.model.layers[0].mlp
+    peftops.patch(mlp, LoraConfig(r=2, target_modules=["down_proj"]))
+    peftops.unpatch(model)  # while the inner patch holds down_proj under another name
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".mlp." not in n)
+    assert mlp.down_proj.base_layer.weight.requires_grad  # found by the parameter itself
+    peftops.unpatch(mlp)  # back to the flags it found (the outer patch's frozen ones)
+    assert type(mlp.down_proj) is nn.Linear
+
+
+def test_a_bottleneck_adapter_built_into_a_model_is_not_a_patch():
+    from peftops.layers import BottleneckAdapter
+    model = nn.Sequential(nn.Linear(8, 8), BottleneckAdapter(8, 2), nn.Linear(8, 4))
+    peftops.patch(model, LoraConfig(r=2, target_modules=["0", "2"]))
+    assert isinstance(model[0], LoraLinear)

@@ -435,3 +435,7 @@ def test_models_sharing_one_config_object_stay_independent():
     assert not torch.equal(out_b, before)  # b's prefix is on
     peftops.unpatch(a)
     assert torch.equal(b(input_ids=IDS).logits, out_b)
+    # a backbone patched on its own: unpatching puts the original config back, which its parent holds too
+    parent = build()
+    peftops.unpatch(peftops.patch(parent.transformer, peftops.PrefixConfig(P)))
+    assert parent.transformer.config is parent.config is config

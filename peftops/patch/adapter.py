@@ -4,7 +4,6 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..config import IA3Config, LoraConfig
-from ..layers.bottleneck import BottleneckAdapter
 from ..layers.ia3 import Ia3Linear
 from ..layers.lora import LoraLinear
 from .gated_mlp import fuse_gated_blocks, unfuse_gated_blocks
@@ -19,7 +18,7 @@ class PatchState:
     config: object  # LoraConfig | IA3Config
     adapter_name: str
     layer_names: list
-    requires_grad: list  # [(parameter name, flag)] before patching
+    requires_grad: list  # freeze's [(name, parameter, flag)] before patching
     gated_blocks: list = field(default_factory=list)  # feed-forward blocks whose forward IA3 took over
     nested_tensor_flags: list = field(default_factory=list)  # [(nn.TransformerEncoder, use_nested_tensor before)]
 
@@ -47,9 +46,10 @@ def check_unpatched(model: nn.Module):
         raise ValueError(f"model is already patched by peftops ({name}, adapter {state.adapter_name!r}); "
                          "call peftops.unpatch(model) first")
     # a submodule patched on its own, or the parent of a patched model: every peftops change to a module is a layer
-    # of its own or leaves a "_peftops..." entry in the module's __dict__
+    # of its own or leaves a "_peftops..." entry in the module's __dict__ (a bottleneck adapter's holder: a replaced
+    # forward; an adapter the user built into the model is not a patch)
     touched = [n or type(model).__name__ for n, m in model.named_modules()
-               if isinstance(m, (LoraLinear, Ia3Linear, BottleneckAdapter)) or any(k.startswith("_peftops") for k in m.__dict__)]
+               if isinstance(m, (LoraLinear, Ia3Linear)) or any(k.startswith("_peftops") for k in m.__dict__)]
     if touched:
         shown = ", ".join(touched[:3]) + (", ..." if len(touched) > 3 else "")
         raise ValueError(f"model already holds modules that peftops patched ({shown}); patching again would stack "
@@ -79,19 +79,20 @@ def _keep_off_fast_paths(model: nn.Module, names: list) -> list:
 
 
 def freeze(model: nn.Module) -> list:
-    """Freezes every parameter; returns their requires_grad flags before, by name, for restore_flags: by name, so
-    that parameters replaced since (model.to("meta"), load_state_dict(assign=True)) get their flags back too."""
-    flags = [(n, p.requires_grad) for n, p in model.named_parameters(remove_duplicate=False)]
+    """Freezes every parameter; returns [(name, parameter, requires_grad before)] for restore_flags."""
+    flags = [(n, p, p.requires_grad) for n, p in model.named_parameters(remove_duplicate=False)]
     for p in model.parameters():
         p.requires_grad_(False)
     return flags
 
 
 def restore_flags(model: nn.Module, flags: list):
-    """After unpatching has put every module back where it was (so the names are the original ones again)."""
+    """After unpatching has put every module back where it was: by name, so that parameters replaced since
+    (model.to("meta"), load_state_dict(assign=True)) get their flags back too, else (a module the user replaced or
+    wrapped since) by the parameter itself."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    for name, flag in flags:
-        params[name].requires_grad_(flag)
+    for name, param, flag in flags:
+        params.get(name, param).requires_grad_(flag)
 
 
 def _insert(model: nn.Module, config, adapter_name: str, layers: dict) -> list:

@@ -30,7 +30,7 @@ class BitFitState:
     config: BitFitConfig
     adapter_name: str
     layer_names: list  # modules whose forward is replaced
-    requires_grad: list  # [(parameter name, flag)] before patching
+    requires_grad: list  # freeze's [(name, parameter, flag)] before patching
     trainable: list  # names of the parameters BitFit trains (the keys of its adapter file)
 
 

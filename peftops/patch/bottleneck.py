@@ -36,7 +36,7 @@ class BottleneckState:
     layer_names: list  # modules given an adapter child (and, but for a Llama attention, a new forward)
     relay_names: list  # modules given only a new forward (the norm that hands r on to a parallel adapter, the o_proj
     # that runs its attention's adapter)
-    requires_grad: list  # [(parameter name, flag)] before patching
+    requires_grad: list  # freeze's [(name, parameter, flag)] before patching
 
 
 def _post_forward(self, *args, **kwargs):

@@ -39,8 +39,8 @@ class PrefixState:
     config: PrefixConfig
     adapter_name: str
     attention_names: list  # the patched attention modules, in layer order
-    requires_grad: list  # [(parameter name, flag)] before patching
-    attn_implementation: object  # the model's before patching
+    requires_grad: list  # freeze's [(name, parameter, flag)] before patching
+    configs: list  # [(the model's config or one of its sub-configs, the copy that its modules hold while patched)]
     module_forwards: bool  # the attention modules' forwards were replaced (no attention registry)
     position_hook: object  # handle of the position shift, or None
     num_kv_heads: int
@@ -274,13 +274,33 @@ def _attention_modules(model, num_layers):
                      f"{len(legacy)} such layers in {kind}, expected {num_layers}")
 
 
-def _own_config(model):
-    """Gives the model a copy of its config that only it holds: the attention implementation is switched on the config,
-    which models built from one config object share (a reference model beside the patched one, say)."""
-    shared, own = model.config, copy.copy(model.config)
+def _own_config(model) -> list:
+    """Gives the model's modules a copy of its config (sub-configs included) that only they hold: the attention
+    implementation is switched on the config, which models built from one config object share (a reference model
+    beside the patched one, say). Returns the [(original, copy)] pairs that unpatch puts back."""
+    copies = {}
+    copy.deepcopy(model.config, copies)  # the memo maps id(original) -> its copy, for every object copied
+    originals = {id(c): c for c in _configs(model.config)}
     for module in model.modules():
-        if module.__dict__.get("config") is shared:
-            module.config = own
+        held = module.__dict__.get("config")
+        if id(held) in originals:
+            module.config = copies[id(held)]
+    return [(c, copies[i]) for i, c in originals.items()]
+
+
+def _configs(config) -> list:
+    """A transformers config and its sub-configs (a composite model's text_config, ...)."""
+    from transformers import PretrainedConfig
+    subs = [v for v in vars(config).values() if isinstance(v, PretrainedConfig)]
+    return [config] + [c for s in subs for c in _configs(s)]
+
+
+def _put_back_configs(model, pairs: list):
+    copies = {id(c): original for original, c in pairs}
+    for module in model.modules():
+        held = module.__dict__.get("config")
+        if id(held) in copies:
+            module.config = copies[id(held)]
 
 
 def _set_attn_implementation(model, name):
@@ -351,14 +371,14 @@ def patch_prefix(model: nn.Module, config: PrefixConfig, adapter_name: str) -> n
                 module.register_parameter(name, nn.Parameter(torch.randn(num_kv, P, head_dim, dtype=dtype,
                                                                          device=device)))
     hook = model.base_model.register_forward_pre_hook(functools.partial(_shift_positions, P), with_kwargs=True)
-    old = model.config._attn_implementation
+    configs = []
     if through_registry:
-        _own_config(model)
+        configs = _own_config(model)
         _set_attn_implementation(model, ATTN_NAME)
     else:
         for _, module in found:
             replace_forward(module, _self_attention_forward)
-    model.__dict__[STATE_ATTR] = PrefixState(config, adapter_name, [n for n, _ in found], flags, old,
+    model.__dict__[STATE_ATTR] = PrefixState(config, adapter_name, [n for n, _ in found], flags, configs,
                                              not through_registry, hook, num_kv, head_dim)
     return model
 
@@ -400,7 +420,6 @@ def unpatch_prefix(model: nn.Module) -> nn.Module:
         delattr(model, ENCODER)
     if state.position_hook is not None:
         state.position_hook.remove()
-    if not state.module_forwards:
-        _set_attn_implementation(model, state.attn_implementation)
+    _put_back_configs(model, state.configs)  # the originals, never switched
     restore_flags(model, state.requires_grad)
     return model
