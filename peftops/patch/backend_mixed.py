@@ -38,7 +38,8 @@ def _stacked(module, names, dtype):
     r = max(a.shape[0] for a, _ in pairs)
     lora_a = torch.stack([a if a.shape[0] == r else F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _ in pairs])
     lora_b = torch.stack([b if b.shape[1] == r else F.pad(b, (0, r - b.shape[1])) for _, b in pairs])
-    scales = torch.tensor([float(module.scaling[n]) for n in names], dtype=torch.float32, device=lora_a.device)
+    # the op reads the scales and the index on the host: made there, a GPU batch costs no copies either way
+    scales = torch.tensor([float(module.scaling[n]) for n in names], dtype=torch.float32)
     return lora_a, lora_b, scales
 
 
@@ -56,7 +57,7 @@ def mixed_forward(self, x, *args, adapter_names, **kwargs):
         return base(x)
     lora_a, lora_b, scales = _stacked(self, names, x.dtype)
     slot = {n: i for i, n in enumerate(names)}
-    rows = torch.tensor([slot.get(n, -1) for n in adapter_names], dtype=torch.int64, device=x.device)
+    rows = torch.tensor([slot.get(n, -1) for n in adapter_names], dtype=torch.int64)
     # adapter_names is per batch row; the op takes one index per token row of x flattened to [tokens, in].
     index = rows.repeat_interleave(math.prod(x.shape[1:-1]))
     return ops.multi_lora_linear(x, base_weight(base), base.bias, lora_a, lora_b, scales, index)
