@@ -100,3 +100,20 @@ def test_checkpointing_without_rng_restore_would_differ():
     model.gradient_checkpointing_enable({"use_reentrant": False, "preserve_rng_state": False})
     _, grads_ckpt = _loss_and_grads(model, ids)
     assert any(not torch.allclose(grads_ckpt[n], grads[n], rtol=1e-3, atol=1e-5) for n in grads)
+
+
+def test_compiled_prefix_blocks_take_a_padded_batch():
+    # prefix attention reads transformers' mask (is it causal? does it hide anything?) eagerly; a traced mask has no
+    # values, so under compilation the module's own causal flag decides and the padding goes to the op as it is
+    torch._dynamo.reset()
+    model = patched_llama(0.0, "prefix").eval()
+    ids = batches()[0]
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    for block in model.model.layers:
+        block.compile(fullgraph=True, backend="eager")  # a graph break here would raise
+    out = model(input_ids=ids, attention_mask=mask).logits
+    live = mask.bool()
+    torch.testing.assert_close(out[live], expected[live], rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

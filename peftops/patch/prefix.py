@@ -124,9 +124,11 @@ def _padding_and_causal(mask, batch: int, L: int, S: int, causal: bool):
         allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
         allowed = allowed.amax(1) if allowed.shape[1] > 1 else allowed[:, 0]  # [B|1, L|1, S]
         padding = allowed[:, -1]  # the last query row sees every key that is not padding, causal or not
-        if allowed.shape[1] == L:
+        if allowed.shape[1] == L and not torch.compiler.is_compiling():  # (reads the mask: eager only)
             causal = _mask_is_causal(allowed, padding, causal)
     padding = padding.expand(batch, S)
+    if torch.compiler.is_compiling():  # a traced mask has no values to ask whether it hides anything
+        return padding.contiguous(), causal
     return (None if bool(padding.all()) else padding.contiguous()), causal
 
 
@@ -179,6 +181,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, dropout=
         if getattr(module, "scale_attn_by_inverse_layer_idx", False):
             scaling /= module.layer_idx + 1
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if torch.compiler.is_compiling():  # the mask cannot be read while tracing: the module says whether it is causal
+        causal = getattr(module, "is_causal", causal)
     padding, causal = _padding_and_causal(attention_mask, query.shape[0], query.shape[2], key.shape[2], causal)
     if dropout > 0.0:
         out = _materialised(query, key, value, pk, pv, padding, causal, scaling, dropout)
