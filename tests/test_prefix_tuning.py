@@ -295,6 +295,15 @@ def test_mask_that_is_not_padding_is_refused():
         pf._padding_and_causal(allowed, 1, 4, 4, True)
     padding, causal = pf._padding_and_causal(torch.ones(1, 1, 4, 4, dtype=torch.bool).tril(), 2, 4, 4, True)
     assert padding is None and causal
+    packed = torch.zeros(1, 1, 6, 6, dtype=torch.bool)  # two causal sequences of 3 tokens in one row
+    packed[0, 0, :3, :3] = packed[0, 0, 3:, 3:] = torch.ones(3, 3, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match="packed"):  # not the second sequence with padding before it
+        pf._padding_and_causal(packed, 1, 6, 6, True)
+    left = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril() & torch.tensor([False, False] + [True] * 4)
+    for opened in (False, True):  # the padding queries' rows, shut or (as transformers may) opened up
+        left[0, 0, :2] = opened
+        padding, causal = pf._padding_and_causal(left, 1, 6, 6, True)
+        assert causal and padding.tolist() == [[False, False] + [True] * 4]
 
 
 @pytest.mark.parametrize("kwargs,field", [(dict(num_virtual_tokens=0), "num_virtual_tokens"),

@@ -134,14 +134,16 @@ def _padding_and_causal(mask, batch: int, L: int, S: int, causal: bool):
 
 def _mask_is_causal(allowed, padding, causal: bool) -> bool:
     """Whether a full mask [B|1, L, S] is the padding plus causal masking (aligned to the end), or the padding alone;
-    the model's own flag is tried first. Rows that see no key at all (padding queries) are left out: transformers may
-    open them up, and with the prefix always visible their output is the same attention over the prefix either way."""
+    the model's own flag is tried first. Rows that would see no key at all (padding queries) may see none or, opened up
+    by transformers, all: with the prefix always visible their output is the same attention over the prefix either
+    way. Anything else there (the first sequence of a packed row) is not padding."""
     L, S = allowed.shape[-2:]
     rule = torch.ones(L, S, dtype=torch.bool, device=allowed.device).tril(S - L)
+    opened_or_shut = allowed.all(-1, keepdim=True) | ~allowed.any(-1, keepdim=True)
     for candidate in (causal, not causal):
         full = padding[:, None, :] & rule if candidate else padding[:, None, :].expand(-1, L, -1)
         live = full.any(-1, keepdim=True)
-        if torch.equal(allowed & live, full & live):
+        if torch.equal(allowed & live, full & live) and bool((live | opened_or_shut).all()):
             return candidate
     raise ValueError("prefix attention supports padding masks (plus causal masking in causal models); this model's "
                      "attention mask is neither (packed sequences, sliding windows?)")
