@@ -20,11 +20,6 @@ def patch(model: nn.Module, config=None, *, adapter_name: str = "default") -> nn
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
     if backend.is_peft_model(model):
         raise ValueError("model is a peft.PeftModel: call peftops.patch(model) without a config (backend mode)")
-    held = backend.peft_layer_names(model)
-    if held:
-        raise ValueError(f"model holds peft adapter layers ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
-                         "a config would stack adapters on them: backend mode takes the peft.PeftModel itself "
-                         "(peftops.patch(peft_model)); or merge and unload peft's adapters first")
     config.__post_init__()  # validated again: a config's fields may have been changed since it was built
     return _PATCHERS[type(config)](model, config, adapter_name)
 

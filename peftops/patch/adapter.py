@@ -6,6 +6,7 @@ from torch import nn
 from ..config import IA3Config, LoraConfig
 from ..layers.ia3 import Ia3Linear
 from ..layers.lora import LoraLinear
+from .backend import peft_layer_names
 from .gated_mlp import fuse_gated_blocks, unfuse_gated_blocks
 from .targets import default_ia3_modules, default_lora_targets, find_targets, is_feedforward
 
@@ -38,22 +39,30 @@ def check_model(fn: str, model) -> None:
         raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
 
 
+def _listed(names: list) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
 def check_unpatched(model: nn.Module):
-    """Refuse a model that peftops already patched or that holds peftops layers: patching again would stack."""
+    """Refuse a model that peftops already patched or that holds peftops or peft layers: patching would stack."""
     state = get_state(model)
     if state is not None:
         name = type(state.config).__name__.replace("Config", "")
         raise ValueError(f"model is already patched by peftops ({name}, adapter {state.adapter_name!r}); "
                          "call peftops.unpatch(model) first")
+    held = peft_layer_names(model)
+    if held:
+        raise ValueError(f"model holds peft adapter layers ({_listed(held)}); a config would stack adapters on them: "
+                         "backend mode takes the peft.PeftModel itself (peftops.patch(peft_model)); or merge and "
+                         "unload peft's adapters first")
     # a submodule patched on its own, or the parent of a patched model: every peftops change to a module is a layer
     # of its own or leaves a "_peftops..." entry in the module's __dict__ (a bottleneck adapter's holder: a replaced
     # forward; an adapter the user built into the model is not a patch)
     touched = [n or type(model).__name__ for n, m in model.named_modules()
                if isinstance(m, (LoraLinear, Ia3Linear)) or any(k.startswith("_peftops") for k in m.__dict__)]
     if touched:
-        shown = ", ".join(touched[:3]) + (", ..." if len(touched) > 3 else "")
-        raise ValueError(f"model already holds modules that peftops patched ({shown}); patching again would stack "
-                         "adapters: unpatch first")
+        raise ValueError(f"model already holds modules that peftops patched ({_listed(touched)}); patching again "
+                         "would stack adapters: unpatch first")
 
 
 def _no_op(module, args):

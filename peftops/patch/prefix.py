@@ -286,12 +286,9 @@ def _own_config(model) -> list:
     beside the patched one, say). Returns the [(original, copy)] pairs that unpatch puts back."""
     copies = {}
     copy.deepcopy(model.config, copies)  # the memo maps id(original) -> its copy, for every object copied
-    originals = {id(c): c for c in _configs(model.config)}
-    for module in model.modules():
-        held = module.__dict__.get("config")
-        if id(held) in originals:
-            module.config = copies[id(held)]
-    return [(c, copies[i]) for i, c in originals.items()]
+    pairs = [(c, copies[id(c)]) for c in _configs(model.config)]
+    _hand_configs(model, {id(original): c for original, c in pairs})
+    return pairs
 
 
 def _configs(config) -> list:
@@ -301,12 +298,12 @@ def _configs(config) -> list:
     return [config] + [c for s in subs for c in _configs(s)]
 
 
-def _put_back_configs(model, pairs: list):
-    copies = {id(c): original for original, c in pairs}
+def _hand_configs(model, replacement: dict):
+    """Every module of the model that holds a config whose id is a key of `replacement` holds its value instead."""
     for module in model.modules():
         held = module.__dict__.get("config")
-        if id(held) in copies:
-            module.config = copies[id(held)]
+        if id(held) in replacement:
+            module.config = replacement[id(held)]
 
 
 def _set_attn_implementation(model, name):
@@ -426,6 +423,6 @@ def unpatch_prefix(model: nn.Module) -> nn.Module:
         delattr(model, ENCODER)
     if state.position_hook is not None:
         state.position_hook.remove()
-    _put_back_configs(model, state.configs)  # the originals, never switched
+    _hand_configs(model, {id(c): original for original, c in state.configs})  # the originals, never switched
     restore_flags(model, state.requires_grad)
     return model
