@@ -96,6 +96,22 @@ def fallback_enabled() -> bool:
 _warned_fallback = False
 
 
+def check_like_kernels(op: str, *args, **kwargs) -> None:
+    """The fallback's argument checks: the compiled op's own, run on meta copies of the tensors (shapes, strides and
+    dtypes, no data), so that both paths refuse the same input with the same message. Callers pass no dropout
+    (training=False), so that no seed is drawn here. Without the library there is nothing to run them with."""
+    if not LOADED:
+        return
+
+    def meta(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+    with torch.no_grad():
+        getattr(torch.ops.peftops, op)(*map(meta, args), **{k: meta(v) for k, v in kwargs.items()})
+
+
 def use_kernels(device: torch.device) -> bool:
     """True when a compiled kernel serves `device`; False when the user asked for the fallback; else a clear error."""
     global _warned_fallback

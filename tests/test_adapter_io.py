@@ -166,6 +166,11 @@ def test_backend_mode_delegates_to_peft(tmp_path):
     before = state(small)
     with pytest.raises(ValueError, match="r: file 4"):
         peftops.load_adapter(small, str(tmp_path / "a"))
+    # as is a model whose alpha_pattern differs (same shapes, another scale for those layers)
+    patterned = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=True,
+                                                                  alpha_pattern={"c_attn": 32}))
+    with pytest.raises(ValueError, match="alpha_pattern: file {}"):
+        peftops.load_adapter(patterned, str(tmp_path / "a"))
     os.remove(tmp_path / "a" / "adapter_config.json")
     with pytest.raises(ValueError, match="wrong shapes"):
         peftops.load_adapter(small, str(tmp_path / "a"))

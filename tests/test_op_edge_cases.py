@@ -63,11 +63,11 @@ def test_second_derivative_is_an_error_not_zero(op):
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 0, 8), (0, 2, 3, 8)])
-def test_prefix_attention_empty_queries(shape):
+def test_prefix_attention_empty_queries(device, shape):
     # no query rows (or no batch rows): an empty output, and gradients of the right shapes
-    q = torch.randn(shape, requires_grad=True)
-    k = torch.randn(shape[0], 2, 5, 8, requires_grad=True)
-    pk, pv = torch.randn(2, 4, 8, requires_grad=True), torch.randn(2, 4, 8, requires_grad=True)
+    q = torch.randn(shape, device=device, requires_grad=True)
+    k = torch.randn(shape[0], 2, 5, 8, device=device, requires_grad=True)
+    pk, pv = (torch.randn(2, 4, 8, device=device, requires_grad=True) for _ in range(2))
     out = ops.prefix_attention(q, k, k, pk, pv, is_causal=True)
     assert out.shape == shape
     out.sum().backward()
@@ -180,7 +180,8 @@ def _prefix_reference(q, k, v, pk, pv, is_causal):
     keys, values = (torch.cat([p.expand(q.shape[0], -1, -1, -1), t], 2) for p, t in ((pk, k), (pv, v)))
     z = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if is_causal:
-        visible = torch.cat([torch.ones(L, P, dtype=torch.bool), torch.ones(L, S, dtype=torch.bool).tril(S - L)], 1)
+        ones = lambda n: torch.ones(L, n, dtype=torch.bool, device=q.device)  # noqa: E731
+        visible = torch.cat([ones(P), ones(S).tril(S - L)], 1)
         z = z.masked_fill(~visible, float("-inf"))
     return z.softmax(-1) @ values
 
@@ -189,9 +190,10 @@ def _prefix_reference(q, k, v, pk, pv, is_causal):
 @pytest.mark.parametrize("where,L,S,P,causal", [("q", 2, 3, 2, False), ("prefix_k", 2, 3, 1, False),
                                                 ("k", 2, 1, 2, False), ("k", 2, 1, 2, True), ("k", 3, 4, 2, True),
                                                 ("v", 2, 3, 2, False), ("v", 3, 2, 2, True)])
-def test_prefix_attention_propagates_nan_as_softmax(monkeypatch, dense, where, L, S, P, causal):
+def test_prefix_attention_propagates_nan_as_softmax(monkeypatch, device, dense, where, L, S, P, causal):
     # A NaN score makes its row NaN, as softmax does (ATen's CPU flash kernel, which the op ran on before, took such a
-    # row for a fully masked one: output 0). Keys that a row cannot see (causal) leave it alone.
+    # row for a fully masked one: output 0). Keys that a row cannot see (causal) leave it alone. The device's kernel
+    # and the dense path alike.
     monkeypatch.setenv("PEFTOPS_PREFIX_DENSE", dense)
     g = torch.Generator().manual_seed(L * 100 + S * 10 + P)
     t = {"q": torch.randn(1, 1, L, 16, generator=g), "k": torch.randn(1, 1, S, 16, generator=g),
@@ -199,7 +201,7 @@ def test_prefix_attention_propagates_nan_as_softmax(monkeypatch, dense, where, L
          "prefix_v": torch.randn(1, P, 16, generator=g)}
     index = (0, 0, 0) if where == "prefix_k" else (0, 0, 0, 0)
     t[where][index] = float("nan")
-    args = [t[n].requires_grad_() for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    args = [t[n].to(device).requires_grad_() for n in ("q", "k", "v", "prefix_k", "prefix_v")]
     out = ops.prefix_attention(*args, is_causal=causal)
     expected = _prefix_reference(*args, causal)
     assert expected.isnan().any()
@@ -344,3 +346,60 @@ def test_a_zero_scale_keeps_nan_in_the_adapter(where):
                 ops.dora_linear(x, w, b, a, bb, torch.ones(5), 0.0, 0.3),
                 ops.multi_lora_linear(x, w, b, a[None], bb[None], torch.zeros(1), torch.tensor([0, -1, 0]))):
         assert out.isnan().any()
+
+
+def test_relu_bottleneck_gives_an_unused_unit_no_gradient_even_from_a_nan_weight():
+    # torch's relu backward selects (threshold_backward): a unit that is off passes no gradient, whatever w_up holds
+    h = (torch.rand(5, 8) + 0.1).requires_grad_()
+    w_down, w_up = torch.randn(4, 8), torch.randn(8, 4)
+    w_down[2] = -1.0  # unit 2 is off for every row (h > 0)
+    w_up[3, 2] = float("nan")
+    args = [t.requires_grad_() for t in (w_down, torch.zeros(4), w_up, torch.zeros(8))]
+    from peftops.ops import reference
+    out, expected = ops.adapter_bottleneck(h, *args), reference.adapter_bottleneck(h, *args, activation="relu")
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    g = torch.randn_like(out)
+    ours, theirs = torch.autograd.grad(out, [h, *args], g), torch.autograd.grad(expected, [h, *args], g)
+    assert not theirs[0].isnan().any()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+_FALLBACK_BAD_INPUT = [  # (call, message): inputs the kernels refuse, which the reference alone would take
+    (lambda: ops.ia3_linear(torch.randn(3, 8), torch.randn(5, 8), None, torch.ones(1)), "ia3_linear: ia3_scale"),
+    (lambda: ops.lora_linear(torch.randn(3, 8), torch.randn(5, 8), None, torch.randn(0, 8), torch.randn(5, 0), 1.0),
+     "lora_linear: lora_a"),
+    (lambda: ops.bias_dropout_add(torch.randn(3, 8), torch.randn(8), torch.randn(8)), "bias_dropout_add: residual"),
+    (lambda: ops.adapter_bottleneck(torch.randn(3, 8), torch.randn(2, 8), None, torch.randn(8, 2), None,
+                                    residual=torch.randn(3, 8), save_output=True), "adapter_bottleneck: save_output"),
+    (lambda: ops.prefix_attention(*(torch.randn(1, 1, 2, 300),) * 3, *(torch.randn(1, 1, 300),) * 2),
+     "prefix_attention: head dim"),
+    (lambda: ops.dora_linear(torch.randn(3, 8), torch.randn(5, 8), None, torch.randn(2, 8), torch.randn(4, 2),
+                             torch.ones(5), 1.0), "dora_linear: lora_b"),
+]
+
+
+@pytest.mark.parametrize("call,match", _FALLBACK_BAD_INPUT)
+def test_the_fallback_refuses_what_the_kernels_refuse(monkeypatch, call, match):
+    # A device with no compiled kernel runs the plain-PyTorch reference (PEFTOPS_FALLBACK=1): the kernels' own
+    # argument checks run first, on meta copies of the inputs, so both paths raise the same clear errors.
+    with pytest.raises(ValueError, match=match):
+        call()
+    monkeypatch.setattr(_extension, "use_kernels", lambda device: False)
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_internal_ops_check_what_they_index():
+    # reachable as torch.ops.peftops.*: arguments that do not fit are refused, never read out of bounds
+    q = torch.randn(1, 1, 4, 8)
+    pk = torch.randn(1, 2, 8)
+    out, lse = torch.ops.peftops.prefix_attention_forward(q, q, q, pk, pk, None, False, None)
+    with pytest.raises(ValueError, match="lse must be"):
+        torch.ops.peftops.prefix_attention_backward(out, q, q, q, pk, pk, out, lse[..., :2], None, False, None)
+    with pytest.raises(ValueError, match="grad_out and out must have q's shape"):
+        torch.ops.peftops.prefix_attention_backward(out[:, :, :2], q, q, q, pk, pk, out, lse, None, False, None)
+    with pytest.raises(ValueError, match="activation code"):
+        torch.ops.peftops.bottleneck_activation(torch.randn(3, 4), 7, False)
+    with pytest.raises(ValueError, match="grad must have a's shape"):
+        torch.ops.peftops.bottleneck_activation_backward(torch.randn(2, 4), torch.randn(3, 4), 0, 1.0)

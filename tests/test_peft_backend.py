@@ -179,6 +179,35 @@ def test_uncovered_option_falls_back_to_peft_with_one_warning(op_calls):
     check_same(ours, ref, ids)
 
 
+@pytest.mark.parametrize("where", ["base_layer", "lora_A", "lora_dropout", "offload"])
+def test_layers_whose_modules_run_more_than_forward_fall_back(where):
+    # The fused ops read the weights and never call the base layer or the factors: a hook there, or a forward that
+    # accelerate's offload puts on the instance (it loads the weight from the meta device), must still run.
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Halve(ModelHook):
+        def post_forward(self, module, output):
+            return output * 0.5
+
+    ours, ref = peft_pair()
+    for model in (ours, ref):
+        if where == "offload":
+            from accelerate import cpu_offload
+            cpu_offload(model.base_model.model, execution_device=torch.device("cpu"))
+            continue
+        for m in model.modules():
+            if isinstance(m, peft.tuners.lora.layer.Linear):
+                module = m.base_layer if where == "base_layer" else getattr(m, where)["default"]
+                if where == "lora_dropout":  # a plain hook, torch's own kind
+                    module.register_forward_hook(lambda mod, args, out: out * 0.5)
+                else:
+                    add_hook_to_module(module, Halve())
+    ids = input_ids()
+    _, messages = record(lambda: output(ours, ids))
+    assert messages and any(word in messages[0] for word in ("hooks", "meta"))
+    assert_close(output(ours, ids), output(ref, ids), 1e-6, what="output")
+
+
 def test_other_layer_types_keep_peft_forward():
     ref = peft.get_peft_model(tiny_llama(), lora_config(target_modules=["embed_tokens", "q_proj"]))
     randomize_lora(ref)

@@ -1,5 +1,6 @@
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <optional>
 
@@ -10,5 +11,15 @@ namespace peftops::bottleneck {
 // (scale negated), so the input it recovers is the forward's own arithmetic undone.
 at::Tensor add_update(const at::Tensor& base, const at::Tensor& a, const at::Tensor& w_up,
                       const std::optional<at::Tensor>& b_up, int64_t activation, double scale);
+
+// The activation ops' own checks (internal, but reachable as torch.ops.peftops.*): a 2-D pre-activation a, a known
+// activation code, and a gradient of a's shape and dtype.
+inline void check_activation_args(const at::Tensor& a, int64_t activation, const at::Tensor* grad = nullptr) {
+  TORCH_CHECK_VALUE(a.dim() == 2, "bottleneck_activation: a must be 2-D [tokens, m], got shape ", a.sizes());
+  TORCH_CHECK_VALUE(activation >= 0 && activation <= 3, "bottleneck_activation: activation code must be 0-3, got ",
+                    activation);
+  TORCH_CHECK_VALUE(grad == nullptr || (grad->sizes() == a.sizes() && grad->scalar_type() == a.scalar_type()),
+                    "bottleneck_activation_backward: grad must have a's shape ", a.sizes(), " and dtype");
+}
 
 }  // namespace peftops::bottleneck

@@ -42,4 +42,12 @@ PEFTOPS_HOST_DEVICE T activate_grad(Activation act, T x) {
   }
 }
 
+// The gradient through the activation, dy * activate'(x). ReLU selects, as torch's threshold_backward: where it is
+// off the gradient is 0, even for a NaN or inf dy (0 * NaN would spread a NaN weight of an unused unit).
+template <typename T>
+PEFTOPS_HOST_DEVICE T activation_backward(Activation act, T x, T dy) {
+  if (act == Activation::relu) return x <= T(0) ? T(0) : dy;
+  return dy * activate_grad(act, x);
+}
+
 }  // namespace peftops

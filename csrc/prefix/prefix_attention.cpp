@@ -2,10 +2,11 @@
 // building cat([prefix, k]) or a per-row copy of the prefix (KERNELS.md, "Prefix attention"):
 //   on the CPU, cpu/prefix_attention_kernel.cpp: blocks of query rows against [prefix | their visible keys], one
 //     softmax over both, causal blocks cut at their last visible key;
-//   elsewhere (CUDA), here: two segments merged exactly by their log-sum-exp. The prefix segment is one batched GEMM
-//     per batch row over the query heads against the shared prefix (repeated over the G heads of a kv head, never
-//     over rows), the sequence segment ATen's products over blocks of query rows with a transient score block each
-//     (not yet a tiled kernel: when a GPU can test one, it replaces this).
+//   on CUDA, cuda/prefix_attention_kernel.cu: tiled online-softmax kernels over [prefix | the row's keys];
+//   the dense path here (PEFTOPS_PREFIX_DENSE=1 on either device, and on any other): two segments merged exactly by
+//     their log-sum-exp. The prefix segment is one batched GEMM per batch row over the query heads against the
+//     shared prefix (repeated over the G heads of a kv head, never over rows), the sequence segment ATen's products
+//     over blocks of query rows with a transient score block each.
 // The output is written in SDPA's layout, so no relayout copies are made around the op. Backward recomputes the
 // probabilities from the saved merged LSE (FlashAttention's formulas with D = rowsum(dO o O)); the prefix gradients
 // are reduced over the batch.
@@ -125,11 +126,18 @@ Tensor block_visible(const Shapes& s, const OptTensor& attn_mask, bool is_causal
   return allowed.unsqueeze(2).expand({s.B, 1, s.G, b.rows, b.reach}).reshape({s.B, 1, s.G * b.rows, b.reach});
 }
 
-// Whether the CPU kernel runs (else the dense path, which CUDA runs; PEFTOPS_PREFIX_DENSE=1 forces it on the CPU
-// too, so that the CPU tests exercise the code the GPU runs).
-bool cpu_kernel(const Tensor& q) {
+// Which code runs: the device's kernel, or the dense path (PEFTOPS_PREFIX_DENSE=1 forces it, so that the tests can
+// run both on one device and compare).
+enum class Path { cpu_kernel, cuda_kernel, dense };
+
+Path path_for(const Tensor& q) {
   const char* dense = std::getenv("PEFTOPS_PREFIX_DENSE");
-  return q.is_cpu() && !(dense && dense[0] == '1');
+  if (dense && dense[0] == '1') return Path::dense;
+  if (q.is_cpu()) return Path::cpu_kernel;
+#ifdef PEFTOPS_WITH_CUDA
+  if (q.is_cuda() && q.scalar_type() != at::kDouble) return Path::cuda_kernel;  // float64 is for checking: dense
+#endif
+  return Path::dense;
 }
 
 // t [B, H, L, D] laid out as [B, L, H, D] in memory (SDPA's layout, which the fake kernels promise): t itself when it
@@ -203,7 +211,16 @@ std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tenso
                                                     bool is_causal, std::optional<double> scale) {
   check_inputs(q, k, v, pk, pv, attn_mask, scale);
   const auto s = shapes(q, k, pk, scale);
-  if (cpu_kernel(q)) return cpu::forward(q, k, v, pk, pv, attn_mask, is_causal, s);
+  switch (path_for(q)) {
+    case Path::cpu_kernel:
+      return cpu::forward(q, k, v, pk, pv, attn_mask, is_causal, s);
+#ifdef PEFTOPS_WITH_CUDA
+    case Path::cuda_kernel:
+      return cuda::forward(q, k, v, pk, pv, attn_mask, is_causal, s);
+#endif
+    default:
+      break;
+  }
   const auto acc = at::toOpMathType(q.scalar_type());
   // prefix segment, every key visible: per batch row, one batched GEMM over the query heads against the shared prefix
   auto p = head_gemm(q.to(acc), per_query_head(pk.to(acc), s).transpose(-1, -2), s, s.scale);
@@ -222,8 +239,28 @@ std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tenso
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk, const Tensor& pv,
     const Tensor& out, const Tensor& lse, const OptTensor& attn_mask, bool is_causal, std::optional<double> scale) {
+  // an internal op, but reachable as torch.ops.peftops.*: the kernels index out, grad_out and lse by q's shape
+  check_inputs(q, k, v, pk, pv, attn_mask, scale);
   const auto s = shapes(q, k, pk, scale);
-  if (cpu_kernel(q)) return cpu::backward(grad_out, q, k, v, pk, pv, out, lse, attn_mask, is_causal, s);
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "prefix_attention_backward: grad_out "
+                    "and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
+  check_like(grad_out, q, "prefix_attention_backward", "grad_out", "q");
+  check_like(out, q, "prefix_attention_backward", "out", "q");
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({s.B, s.Hq, s.L}) &&
+                        lse.scalar_type() == at::toOpMathType(q.scalar_type()) && lse.device() == q.device(),
+                    "prefix_attention_backward: lse must be the forward's [", s.B, ", ", s.Hq, ", ", s.L, "] ",
+                    at::toOpMathType(q.scalar_type()), " on ", q.device(), ", got ", lse.sizes(), " ",
+                    lse.scalar_type());
+  switch (path_for(q)) {
+    case Path::cpu_kernel:
+      return cpu::backward(grad_out, q, k, v, pk, pv, out, lse, attn_mask, is_causal, s);
+#ifdef PEFTOPS_WITH_CUDA
+    case Path::cuda_kernel:
+      return cuda::backward(grad_out, q, k, v, pk, pv, out, lse, attn_mask, is_causal, s);
+#endif
+    default:
+      break;
+  }
   const auto acc = lse.scalar_type();
   const bool per_row = pk.dim() == 4;
   // Both segments' probabilities are recomputed as exp(z - lse) with the merged lse, and D = rowsum(dO o O) with the

@@ -1,6 +1,6 @@
 #pragma once
-// prefix_attention's shapes and its CPU kernel (cpu/prefix_attention_kernel.cpp); the op, its checks and the dense
-// path that CUDA runs are in prefix_attention.cpp.
+// prefix_attention's shapes and its kernels (cpu/prefix_attention_kernel.cpp, cuda/prefix_attention_kernel.cu, the
+// same interface); the op, its checks and the dense path are in prefix_attention.cpp.
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -29,4 +29,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     bool is_causal, const Shapes& s);
 
 }  // namespace cpu
+
+#ifdef PEFTOPS_WITH_CUDA
+namespace cuda {  // the CPU kernel's interface and results, on CUDA tensors
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& pk, const at::Tensor& pv,
+                                           const std::optional<at::Tensor>& attn_mask, bool is_causal,
+                                           const Shapes& s);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
+    const at::Tensor& pv, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
+    bool is_causal, const Shapes& s);
+
+}  // namespace cuda
+#endif
 }  // namespace peftops::prefix

@@ -78,7 +78,7 @@ def _lora_expected(model, state) -> dict:
 def _lora_peft_expected(model, name) -> dict:
     cfg = model.peft_config[name]
     return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora, "bias": cfg.bias,
-            "use_dora": cfg.use_dora}
+            "use_dora": cfg.use_dora, "rank_pattern": cfg.rank_pattern or {}, "alpha_pattern": cfg.alpha_pattern or {}}
 
 
 # IA3 --------------------------------------------------------------------------------------------------------------

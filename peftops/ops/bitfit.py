@@ -11,6 +11,7 @@ def bias_linear(x, weight, bias):
     check_tensors("bias_linear", x=x, weight=weight, bias=bias)
     if _extension.use_kernels(x.device):
         return torch.ops.peftops.bias_linear(x, weight, bias)
+    _extension.check_like_kernels("bias_linear", x, weight, bias)
     return reference.bias_linear(x, weight, bias)
 
 
@@ -20,6 +21,7 @@ def bias_dropout_add(x, bias, residual, p=0.0, *, training=True):
     p, training = as_float("bias_dropout_add", "p", p), check_flag("bias_dropout_add", "training", training)
     if _extension.use_kernels(x.device):
         return torch.ops.peftops.bias_dropout_add(x, bias, residual, p, training=training)
+    _extension.check_like_kernels("bias_dropout_add", x, bias, residual, p, training=False)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"bias_dropout_add: p must be in [0, 1), got {p}")
     seed = reference.draw_seed(x.device, p, training)

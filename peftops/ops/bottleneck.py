@@ -18,9 +18,13 @@ def adapter_bottleneck(h, w_down, b_down, w_up, b_up, *, activation="relu", scal
                   w_up=w_up, b_up=b_up, residual=residual)
     scale = as_float("adapter_bottleneck", "scale", scale)
     save_output = check_flag("adapter_bottleneck", "save_output", save_output)
+    if not isinstance(activation, str):
+        raise TypeError(f"adapter_bottleneck: activation must be a str, got {type(activation).__name__}")
     if _extension.use_kernels(h.device):
         return torch.ops.peftops.adapter_bottleneck(h, w_down, b_down, w_up, b_up, activation=activation,
                                                     scale=scale, residual=residual, save_output=save_output)
+    _extension.check_like_kernels("adapter_bottleneck", h, w_down, b_down, w_up, b_up, activation=activation,
+                                  scale=scale, residual=residual, save_output=save_output)
     if activation not in reference.ACTIVATIONS:
         raise ValueError(f"adapter_bottleneck: activation must be one of relu, gelu, gelu_tanh, silu, got '{activation}'")
     return reference.adapter_bottleneck(h, w_down, b_down, w_up, b_up, activation, scale, residual)

@@ -17,6 +17,8 @@ def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p=0.0
     if _extension.use_kernels(x.device):
         return torch.ops.peftops.dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p,
                                              training=training)
+    _extension.check_like_kernels("dora_linear", x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p,
+                                  training=False)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dora_linear: dropout_p must be in [0, 1), got {dropout_p}")
     seed = reference.draw_seed(x.device, dropout_p, training)

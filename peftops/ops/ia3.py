@@ -16,6 +16,7 @@ def ia3_linear(x, weight, bias, ia3_scale, *, feedforward=False):
     feedforward = check_flag("ia3_linear", "feedforward", feedforward)
     if _extension.use_kernels(x.device):
         return torch.ops.peftops.ia3_linear(x, weight, bias, ia3_scale, feedforward=feedforward)
+    _extension.check_like_kernels("ia3_linear", x, weight, bias, ia3_scale, feedforward=feedforward)
     return reference.ia3_linear(x, weight, bias, ia3_scale, feedforward)
 
 
@@ -26,6 +27,7 @@ def ia3_glu_linear(gate, up, weight, bias, ia3_scale):
     check_tensors("ia3_glu_linear", ("bias",), gate=gate, up=up, weight=weight, bias=bias, ia3_scale=ia3_scale)
     if _extension.use_kernels(gate.device):
         return torch.ops.peftops.ia3_glu_linear(gate, up, weight, bias, ia3_scale)
+    _extension.check_like_kernels("ia3_glu_linear", gate, up, weight, bias, ia3_scale)
     return reference.ia3_glu_linear(gate, up, weight, bias, ia3_scale)
 
 

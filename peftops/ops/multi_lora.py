@@ -17,6 +17,7 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, adapter_index):
                   scales=scales, adapter_index=adapter_index)
     if _extension.use_kernels(x.device):
         return torch.ops.peftops.multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, adapter_index)
+    _extension.check_like_kernels("multi_lora_linear", x, weight, bias, lora_a, lora_b, scales, adapter_index)
     # the kernels' index checks, which the fallback's reference needs too: it would skip an index it has no adapter for
     if adapter_index.dtype != torch.int64:
         raise TypeError(f"multi_lora_linear: adapter_index must be int64, got {adapter_index.dtype}")

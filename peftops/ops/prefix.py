@@ -19,6 +19,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, attn_mask=None, is_causal=F
     if _extension.use_kernels(q.device):
         return torch.ops.peftops.prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=attn_mask,
                                                   is_causal=is_causal, scale=scale)
+    _extension.check_like_kernels("prefix_attention", q, k, v, prefix_k, prefix_v, attn_mask=attn_mask,
+                                  is_causal=is_causal, scale=scale)
     return reference.prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask, is_causal, scale)
 
 

@@ -33,11 +33,20 @@ def peft_layer_names(model) -> list:
     return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
 
 
+def intercepted(module: nn.Module) -> bool:
+    """Whether calling `module` runs more than its class's forward: hooks of its own or global ones, or a forward
+    replaced on the instance (accelerate's offload and device-map hooks do that, and load the weight there). The fused
+    ops read the weights and never call the module, so they would skip all of it."""
+    hooks = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+                or getattr(module, "_hf_hook", None) is not None
+                or getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None))
+
+
 def _plain_base(base: nn.Module) -> bool:
     conv1d = conv1d_class()
     kind = type(base).forward
-    hooks = base._forward_hooks or base._forward_pre_hooks
-    return not hooks and (kind is nn.Linear.forward or (conv1d is not None and kind is conv1d.forward))
+    return not intercepted(base) and (kind is nn.Linear.forward or (conv1d is not None and kind is conv1d.forward))
 
 
 def warn_once(module, reason: str, kind: str = "LoRA"):
@@ -57,6 +66,8 @@ def base_reason(module, x, args, kwargs):
     if not _plain_base(base):
         return f"base layer {type(base).__name__} (not a plain nn.Linear or Conv1D, or it has hooks)"
     weight = base.weight
+    if weight.is_meta and not x.is_meta:
+        return "a base weight on the meta device (offloaded)"
     if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
         return f"base weight of type {type(weight).__name__}"
     if wants_base_grad(weight):
@@ -80,6 +91,8 @@ def adapter_reason(module, x, name, allow_dora):
         return "LoRA factors that are not plain bias-free nn.Linear"
     if type(drop) not in (nn.Dropout, nn.Identity):
         return f"dropout module {type(drop).__name__}"
+    if intercepted(a) or intercepted(b) or intercepted(drop):
+        return "LoRA factors or dropout with hooks"
     if not x.is_floating_point() or x.dtype != module.base_layer.weight.dtype or not a.weight.is_floating_point():
         return "an input whose dtype differs from the base weight's, or non-float weights"
     return None

@@ -7,11 +7,13 @@
 #include <torch/library.h>
 
 #include "../../common/activations.h"
+#include "../adapter_bottleneck.h"
 
 namespace peftops::bottleneck {
 namespace {
 
 at::Tensor bottleneck_activation_cpu(const at::Tensor& a, int64_t activation, bool ones) {
+  check_activation_args(a, activation);
   const auto ac = a.contiguous();
   const int64_t N = ac.size(0), m = ac.size(1), width = m + (ones ? 1 : 0);
   auto out = at::empty({N, width}, a.options());
@@ -32,6 +34,7 @@ at::Tensor bottleneck_activation_cpu(const at::Tensor& a, int64_t activation, bo
 
 at::Tensor bottleneck_activation_backward_cpu(const at::Tensor& grad, const at::Tensor& a, int64_t activation,
                                               double scale) {
+  check_activation_args(a, activation, &grad);
   const auto gc = grad.contiguous(), ac = a.contiguous();
   auto out = at::empty(ac.sizes(), a.options());
   const auto act = static_cast<Activation>(activation);
@@ -42,7 +45,7 @@ at::Tensor bottleneck_activation_backward_cpu(const at::Tensor& grad, const at::
     const auto s = static_cast<acc_t>(scale);
     at::parallel_for(0, ac.numel(), 4096, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        dst[i] = static_cast<scalar_t>(s * static_cast<acc_t>(g[i]) * activate_grad(act, static_cast<acc_t>(x[i])));
+        dst[i] = static_cast<scalar_t>(activation_backward(act, static_cast<acc_t>(x[i]), s * static_cast<acc_t>(g[i])));
       }
     });
   });

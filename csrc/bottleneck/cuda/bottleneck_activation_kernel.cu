@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "../../common/activations.h"
+#include "../adapter_bottleneck.h"
 
 namespace peftops::bottleneck {
 namespace {
@@ -35,12 +36,13 @@ __global__ void activation_backward_kernel(const scalar_t* __restrict__ grad, co
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[i] = static_cast<scalar_t>(static_cast<acc_t>(scale) * static_cast<acc_t>(grad[i]) *
-                                   activate_grad(act, static_cast<acc_t>(a[i])));
+    out[i] = static_cast<scalar_t>(
+        activation_backward(act, static_cast<acc_t>(a[i]), static_cast<acc_t>(scale) * static_cast<acc_t>(grad[i])));
   }
 }
 
 at::Tensor bottleneck_activation_cuda(const at::Tensor& a, int64_t activation, bool ones) {
+  check_activation_args(a, activation);
   c10::cuda::CUDAGuard guard(a.device());
   const auto ac = a.contiguous();
   const int64_t rows = ac.size(0), m = ac.size(1), width = m + (ones ? 1 : 0);
@@ -56,6 +58,7 @@ at::Tensor bottleneck_activation_cuda(const at::Tensor& a, int64_t activation, b
 
 at::Tensor bottleneck_activation_backward_cuda(const at::Tensor& grad, const at::Tensor& a, int64_t activation,
                                                double scale) {
+  check_activation_args(a, activation, &grad);
   c10::cuda::CUDAGuard guard(a.device());
   const auto gc = grad.contiguous(), ac = a.contiguous();
   auto out = at::empty(ac.sizes(), a.options());

@@ -27,6 +27,7 @@
 #include <limits>
 
 #include "../../common/cpu/row_pass.h"
+#include "../visible.h"
 
 namespace peftops::prefix::cpu {
 namespace {
@@ -38,15 +39,6 @@ using Vec = at::vec::Vectorized<T>;
 // Query rows per block: 128 was fastest on the bench shape (32, 64 and 256 were 3-15% slower): a causal block's
 // GEMMs stay large while its last keys are cut at most 127 rows past the diagonal.
 constexpr int64_t kRows = 128;
-
-// The sequence keys that query row l sees: [0, end(l)) (causality aligned to the sequence's end) minus padding.
-struct Visible {
-  int64_t L, S;
-  bool causal;
-  const bool* mask;  // [B, S] contiguous (True = attend), or null
-  int64_t end(int64_t l) const { return causal ? std::clamp<int64_t>(l + S - L + 1, 0, S) : S; }
-  const bool* row(int64_t b) const { return mask ? mask + b * S : nullptr; }
-};
 
 // A matrix in the compute type T with unit column stride: the view itself when it already is one, else a copy.
 Tensor as_rows(const Tensor& t, at::ScalarType acc) {
