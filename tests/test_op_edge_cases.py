@@ -403,3 +403,16 @@ def test_internal_ops_check_what_they_index():
         torch.ops.peftops.bottleneck_activation(torch.randn(3, 4), 7, False)
     with pytest.raises(ValueError, match="grad must have a's shape"):
         torch.ops.peftops.bottleneck_activation_backward(torch.randn(2, 4), torch.randn(3, 4), 0, 1.0)
+
+
+def test_a_scale_beyond_float32_is_named():
+    # 1e39 is a finite double but no float: refused by name where the kernels compute in float32, taken in float64
+    x, w, a, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(2, 4), torch.randn(5, 2)
+    calls = {"lora_linear": lambda x, w, a, b, s: ops.lora_linear(x, w, None, a, b, s),
+             "adapter_bottleneck": lambda x, w, a, b, s: ops.adapter_bottleneck(x, a, None, a.T, None, scale=s),
+             "prefix_attention": lambda x, w, a, b, s: ops.prefix_attention(*(x.view(1, 1, 3, 4),) * 3,
+                                                                            *(a.view(1, 2, 4),) * 2, scale=s)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"{name}: scale must be finite"):
+            call(x, w, a, b, 1e39)
+        assert call(x.double(), w.double(), a.double(), b.double(), 1e39).dtype == torch.float64

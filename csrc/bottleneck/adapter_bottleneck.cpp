@@ -121,7 +121,7 @@ Tensor adapter_bottleneck(const Tensor& h, const Tensor& w_down, const OptTensor
                           bool save_output) {
   check_inputs(h, w_down, b_down, w_up, b_up, residual);  // before dispatch: a meta argument would pick the fake kernel
   const auto code = activation_code(activation);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "adapter_bottleneck: scale must be finite, got ", scale);
+  check_scale(scale, h, "adapter_bottleneck");
   TORCH_CHECK_VALUE(!save_output || !has(residual), "adapter_bottleneck: save_output=True recovers h from the "
                     "output, which needs the residual to be h (residual=None)");
   static auto forward = c10::Dispatcher::singleton()

@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <limits>
 #include <optional>
 
 namespace peftops {
@@ -37,6 +39,15 @@ inline void check_bias(const std::optional<at::Tensor>& bias, int64_t out, const
   TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, op, ": bias must be [", out, "], got shape ",
                     bias->sizes());
   check_like(*bias, ref, op, "bias", ref_name);
+}
+
+// A scale the kernels apply in x's compute type (float32 for 16-bit and float32 inputs): finite there. 1e39 is a
+// finite double but no float, and ATen would refuse it later with an error that names no argument.
+inline void check_scale(double scale, const at::Tensor& x, const char* op) {
+  const double limit = x.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
+                                                      : static_cast<double>(std::numeric_limits<float>::max());
+  TORCH_CHECK_VALUE(std::isfinite(scale) && std::abs(scale) <= limit, op, ": scale must be finite (in ",
+                    x.scalar_type() == at::kDouble ? "float64" : "float32", "), got ", scale);
 }
 
 }  // namespace peftops

@@ -30,7 +30,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
   check_like(lora_a, x, op, "lora_a", "x");
   check_like(lora_b, x, op, "lora_b", "x");
   check_bias(bias, out, x, op, "x");
-  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  check_scale(scale, x, op);
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
 }
 

@@ -47,8 +47,6 @@ bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk, const Tensor& pv,
                   const OptTensor& attn_mask, std::optional<double> scale) {
-  TORCH_CHECK_VALUE(!scale.has_value() || std::isfinite(*scale), "prefix_attention: scale must be finite, got ",
-                    *scale);
   TORCH_CHECK_VALUE(q.dim() == 4, "prefix_attention: q must be [B, Hq, L, D], got shape ", q.sizes());
   const auto B = q.size(0), Hq = q.size(1), D = q.size(3);
   TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == B && k.size(3) == D, "prefix_attention: k must be [", B,
@@ -73,6 +71,7 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
                       " but q is on ", q.device());
   }
   check_float(q, "prefix_attention", "q");
+  if (scale.has_value()) check_scale(*scale, q, "prefix_attention");
   const std::pair<const Tensor*, const char*> others[] = {{&k, "k"}, {&v, "v"}, {&pk, "prefix_k"}, {&pv, "prefix_v"}};
   for (const auto& [t, name] : others) check_like(*t, q, "prefix_attention", name, "q");
 }
