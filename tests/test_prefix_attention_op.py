@@ -99,6 +99,21 @@ def test_many_blocks_of_query_rows(monkeypatch, device, case, pad, causal, block
         compare(args, dtype, None if mask is None else mask.to(device), causal)
 
 
+@pytest.mark.parametrize("strided", ["prefix", "keys"])
+def test_head_dims_that_are_not_contiguous(device, strided):
+    # any strides are taken: a prefix or k/v whose head dim is not the last in memory (each key tensor read through
+    # its own strides; CUDA's kernels stage the prefix and the row's keys into one tile)
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, L, S, P, D = 2, 4, 2, 5, 7, 3, 16
+    t = lambda *shape: torch.randn(*shape, generator=gen).to(device).transpose(-1, -2).requires_grad_()  # noqa: E731
+    q = torch.randn(B, Hq, L, D, generator=gen).to(device).requires_grad_()
+    k, v = (t(B, Hkv, D, S) if strided == "keys" else
+            torch.randn(B, Hkv, S, D, generator=gen).to(device).requires_grad_() for _ in range(2))
+    pk, pv = (t(Hkv, D, P) if strided == "prefix" else
+              torch.randn(Hkv, P, D, generator=gen).to(device).requires_grad_() for _ in range(2))
+    compare((q, k, v, pk, pv), torch.float32, padding("left", B, S, gen).to(device), True)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_per_row_prefix_and_custom_scale(device, causal):
     gen = torch.Generator().manual_seed(7)

@@ -134,7 +134,10 @@ Path path_for(const Tensor& q) {
   if (dense && dense[0] == '1') return Path::dense;
   if (q.is_cpu()) return Path::cpu_kernel;
 #ifdef PEFTOPS_WITH_CUDA
-  if (q.is_cuda() && q.scalar_type() != at::kDouble) return Path::cuda_kernel;  // float64 is for checking: dense
+  // float64 is for checking, and the kernels' grid takes at most 65535 batch rows and heads: those go dense
+  if (q.is_cuda() && q.scalar_type() != at::kDouble && q.size(0) <= 65535 && q.size(1) <= 65535) {
+    return Path::cuda_kernel;
+  }
 #endif
   return Path::dense;
 }

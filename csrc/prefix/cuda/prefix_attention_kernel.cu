@@ -32,7 +32,7 @@ using Tensor = at::Tensor;
 
 constexpr int kThreads = 64;  // query rows (or keys) per block, one per thread
 
-// Rows staged per shared-memory tile: 16 KiB per staged tensor.
+// Rows staged per shared-memory tile: 8 KiB per staged tensor, two per kernel.
 template <int kD>
 constexpr int kTile = kD >= 256 ? 8 : 2048 / kD;
 
@@ -42,6 +42,7 @@ struct Strided {
   T* data;
   int64_t b, h, r, d;
   __device__ T* row(int64_t bi, int64_t hi, int64_t ri) const { return data + bi * b + hi * h + ri * r; }
+  __device__ T& at(int64_t bi, int64_t hi, int64_t ri, int64_t di) const { return row(bi, hi, ri)[di * d]; }
 };
 
 template <typename T>
@@ -68,11 +69,11 @@ __device__ __forceinline__ acc_t nan_of() {
   return std::numeric_limits<acc_t>::quiet_NaN();
 }
 
-// A row of D elements into registers, zero-padded to kD.
-template <int kD, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_row(acc_t (&dst)[kD], const scalar_t* src, int64_t stride, int64_t D) {
+// A row of D elements, element d = at(d), into registers, zero-padded to kD.
+template <int kD, typename acc_t, typename At>
+__device__ __forceinline__ void load_row(acc_t (&dst)[kD], int64_t D, At at) {
 #pragma unroll
-  for (int d = 0; d < kD; ++d) dst[d] = d < D ? static_cast<acc_t>(src[d * stride]) : acc_t(0);
+  for (int d = 0; d < kD; ++d) dst[d] = d < D ? static_cast<acc_t>(at(d)) : acc_t(0);
 }
 
 // Its first D elements out (unrolled over kD: a register array indexed at run time would live in local memory).
@@ -98,21 +99,20 @@ __device__ __forceinline__ void axpy(acc_t (&y)[kD], acc_t a, const acc_t* x) {
   for (int d = 0; d < kD; ++d) y[d] += a * x[d];
 }
 
-// The block's threads stage rows [r0, r0 + n) of `row_of` into dst [kTile, kD], zero-padded.
-template <int kD, typename scalar_t, typename acc_t, typename RowOf>
-__device__ __forceinline__ void stage(acc_t* dst, int n, int64_t D, int64_t stride_d, RowOf row_of) {
+// The block's threads stage n rows into dst [kTile, kD], element d of row i = at(i, d), zero-padded.
+template <int kD, typename acc_t, typename At>
+__device__ __forceinline__ void stage(acc_t* dst, int n, int64_t D, At at) {
   for (int e = threadIdx.x; e < n * kD; e += blockDim.x) {
     const int i = e / kD, d = e % kD;
-    dst[e] = d < D ? static_cast<acc_t>(row_of(i)[d * stride_d]) : acc_t(0);
+    dst[e] = d < D ? static_cast<acc_t>(at(i, d)) : acc_t(0);
   }
 }
 
-// Key j of batch row b and kv head h in [prefix | sequence].
+// Element d of key j of batch row b and kv head h in [prefix | sequence], each read through its own strides.
 template <typename scalar_t>
-__device__ __forceinline__ const scalar_t* key_row(const Strided<const scalar_t>& prefix,
-                                                   const Strided<const scalar_t>& seq, int64_t P, int64_t b,
-                                                   int64_t h, int64_t j) {
-  return j < P ? prefix.row(b, h, j) : seq.row(b, h, j - P);
+__device__ __forceinline__ scalar_t key_at(const Strided<const scalar_t>& prefix, const Strided<const scalar_t>& seq,
+                                           int64_t P, int64_t b, int64_t h, int64_t j, int64_t d) {
+  return j < P ? prefix.at(b, h, j, d) : seq.at(b, h, j - P, d);
 }
 
 // out [B, Hq, L, D] (any strides) and lse [B, Hq, L] (contiguous, acc_t): grid (row blocks, Hq, B).
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool active = l < L;
   const acc_t scale = static_cast<acc_t>(a.scale), inf = std::numeric_limits<acc_t>::infinity();
   acc_t qr[kD], o[kD];
-  load_row(qr, a.q.row(b, hq, active ? l : 0), a.q.d, a.D);
+  load_row(qr, a.D, [&](int d) { return a.q.at(b, hq, active ? l : 0, d); });
 #pragma unroll
   for (int d = 0; d < kD; ++d) o[d] = 0;
   acc_t m = -inf, sum = 0;
@@ -136,8 +136,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t t0 = 0; t0 < reach; t0 += kT) {
     const int n = static_cast<int>(smaller(kT, reach - t0));
     __syncthreads();  // the previous tile is consumed
-    stage<kD, scalar_t>(ks, n, a.D, a.k.d, [&](int i) { return key_row(a.pk, a.k, a.P, b, h, t0 + i); });
-    stage<kD, scalar_t>(vs, n, a.D, a.v.d, [&](int i) { return key_row(a.pv, a.v, a.P, b, h, t0 + i); });
+    stage<kD>(ks, n, a.D, [&](int i, int d) { return key_at(a.pk, a.k, a.P, b, h, t0 + i, d); });
+    stage<kD>(vs, n, a.D, [&](int i, int d) { return key_at(a.pv, a.v, a.P, b, h, t0 + i, d); });
     __syncthreads();
     if (!active) continue;
 #pragma unroll 1
@@ -183,9 +183,9 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t scale = static_cast<acc_t>(a.scale), inf = std::numeric_limits<acc_t>::infinity();
   const int64_t r = active ? l : 0, at_row = (b * a.G * a.Hkv + hq) * L + r;
   acc_t qr[kD], dor[kD], g[kD];
-  load_row(qr, a.q.row(b, hq, r), a.q.d, a.D);
-  load_row(dor, dout.row(b, hq, r), dout.d, a.D);
-  load_row(g, out.row(b, hq, r), out.d, a.D);
+  load_row(qr, a.D, [&](int d) { return a.q.at(b, hq, r, d); });
+  load_row(dor, a.D, [&](int d) { return dout.at(b, hq, r, d); });
+  load_row(g, a.D, [&](int d) { return out.at(b, hq, r, d); });
   const acc_t dlt = dot(dor, g), row_lse = lse[at_row];
   const bool finite = row_lse > -inf && row_lse < inf;  // else every p is NaN, as the forward's row was
 #pragma unroll
@@ -194,8 +194,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t t0 = 0; t0 < reach; t0 += kT) {
     const int n = static_cast<int>(smaller(kT, reach - t0));
     __syncthreads();
-    stage<kD, scalar_t>(ks, n, a.D, a.k.d, [&](int i) { return key_row(a.pk, a.k, a.P, b, h, t0 + i); });
-    stage<kD, scalar_t>(vs, n, a.D, a.v.d, [&](int i) { return key_row(a.pv, a.v, a.P, b, h, t0 + i); });
+    stage<kD>(ks, n, a.D, [&](int i, int d) { return key_at(a.pk, a.k, a.P, b, h, t0 + i, d); });
+    stage<kD>(vs, n, a.D, [&](int i, int d) { return key_at(a.pv, a.v, a.P, b, h, t0 + i, d); });
     __syncthreads();
     if (!active) continue;
 #pragma unroll 1
@@ -229,8 +229,8 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t scale = static_cast<acc_t>(a.scale), inf = std::numeric_limits<acc_t>::infinity();
   const int64_t jr = active ? j : 0;  // an idle thread reads key 0 and writes nothing
   acc_t kr[kD], vr[kD], gk[kD], gv[kD];
-  load_row(kr, key_row(a.pk, a.k, a.P, b, h, jr), jr < a.P ? a.pk.d : a.k.d, a.D);
-  load_row(vr, key_row(a.pv, a.v, a.P, b, h, jr), jr < a.P ? a.pv.d : a.v.d, a.D);
+  load_row(kr, a.D, [&](int d) { return key_at(a.pk, a.k, a.P, b, h, jr, d); });
+  load_row(vr, a.D, [&](int d) { return key_at(a.pv, a.v, a.P, b, h, jr, d); });
 #pragma unroll
   for (int d = 0; d < kD; ++d) gk[d] = gv[d] = 0;
   // the block's first key decides the first query row that any of its keys is visible to
@@ -240,8 +240,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t r0 = first; r0 < L; r0 += kT) {
       const int n = static_cast<int>(smaller(kT, L - r0));
       __syncthreads();
-      stage<kD, scalar_t>(qs, n, a.D, a.q.d, [&](int i) { return a.q.row(b, hq, r0 + i); });
-      stage<kD, scalar_t>(dos, n, a.D, dout.d, [&](int i) { return dout.row(b, hq, r0 + i); });
+      stage<kD>(qs, n, a.D, [&](int i, int d) { return a.q.at(b, hq, r0 + i, d); });
+      stage<kD>(dos, n, a.D, [&](int i, int d) { return dout.at(b, hq, r0 + i, d); });
       if (threadIdx.x < n) {
         lse_s[threadIdx.x] = lse[base + r0 + threadIdx.x];
         delta_s[threadIdx.x] = delta[base + r0 + threadIdx.x];
