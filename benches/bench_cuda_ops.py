@@ -45,9 +45,12 @@ def run(benchmark, forward, leaves, *, family, impl, backward=True, exclude=(), 
     benchmark.pedantic(step, rounds=20, warmup_rounds=3, iterations=5)
 
 
-@pytest.mark.parametrize("impl", ["peftops", "sdpa_concat"])
+@pytest.mark.parametrize("impl", ["peftops", "peftops_dense", "sdpa_concat"])
 @pytest.mark.parametrize("prefix", [20, 128])
-def test_prefix_attention_cuda(benchmark, impl, prefix):
+def test_prefix_attention_cuda(benchmark, monkeypatch, impl, prefix):
+    # peftops: the tiled CUDA kernels; peftops_dense: the two-segment host path beside them (ATen's products)
+    if impl == "peftops_dense":
+        monkeypatch.setenv("PEFTOPS_PREFIX_DENSE", "1")
     benchmark.group = f"prefix_attention cuda bf16 B{B} H{H} L{L} D{D} P{prefix}"
     q, k, v = (rnd(B, H, L, D) for _ in range(3))
     pk, pv = rnd(H, prefix, D), rnd(H, prefix, D)
@@ -55,7 +58,7 @@ def test_prefix_attention_cuda(benchmark, impl, prefix):
                          torch.ones(L, L, dtype=torch.bool, device=DEV).tril()], 1)
 
     def forward():
-        if impl == "peftops":
+        if impl.startswith("peftops"):
             return peftops.ops.prefix_attention(q, k, v, pk, pv, is_causal=True)
         keys = torch.cat([pk.expand(B, -1, -1, -1), k], 2)
         values = torch.cat([pv.expand(B, -1, -1, -1), v], 2)

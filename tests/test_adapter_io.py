@@ -225,6 +225,31 @@ def test_peft_classification_file_with_its_head_loads(tmp_path, cls):
     assert_close(theirs.eval()(input_ids=ids).logits, ref(input_ids=ids).logits, what="reloaded by peft")
 
 
+def test_a_head_saved_by_peft_suffix_rule_travels_both_ways(tmp_path):
+    # peft saves every module whose name ends with the head's: DistilBERT's pre_classifier goes with its classifier
+    import transformers
+
+    def build():
+        torch.manual_seed(0)
+        return transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+            vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=48, num_labels=3)).eval()
+
+    ref = peft.get_peft_model(build(), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                       target_modules=["q_lin", "v_lin"]))
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    ref.save_pretrained(tmp_path / "peft")
+    ids = input_ids(vocab=100)
+    ours = peftops.patch(build(), LoraConfig(r=4, alpha=8, target_modules=["q_lin", "v_lin"]))
+    peftops.load_adapter(ours, tmp_path / "peft")
+    assert_close(ours(input_ids=ids).logits, ref.eval()(input_ids=ids).logits, what="peft's file in peftops")
+    peftops.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "ours")
+    assert_close(theirs.eval()(input_ids=ids).logits, ref(input_ids=ids).logits, what="peftops' file in peft")
+
+
 def _bert_classifier():
     import transformers
     torch.manual_seed(0)

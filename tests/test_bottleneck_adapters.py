@@ -265,6 +265,36 @@ def test_parallel_on_gemma_style_layers_reads_the_mlp_norms_input():
     assert [n.rsplit(".", 1)[-1] for n in get_state(model).relay_names] == ["pre_feedforward_layernorm"] * 2
 
 
+def test_parallel_on_a_moe_block_that_returns_router_logits():
+    # transformers 4.57's Qwen2-MoE block returns (hidden, router_logits): the adapter goes on the hidden states
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    torch.manual_seed(0)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
+        num_experts_per_tok=2)).eval()
+    ids = input_ids(vocab=100)
+    before = output(model, ids)
+    peftops.patch(model, AdapterConfig(bottleneck=4, placement="parallel"))
+    assert torch.equal(output(model, ids), before)  # the identity at init
+    randomize(model)
+    assert not torch.equal(output(model, ids), before)
+    loss_of(output(model, ids)).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_placement_whose_module_a_layer_lacks_is_refused_before_any_change():
+    # StableLM with a parallel residual has no norm between attention and MLP (post_attention_layernorm = None)
+    from transformers import StableLmConfig, StableLmForCausalLM
+    model = StableLmForCausalLM(StableLmConfig(vocab_size=100, hidden_size=32, intermediate_size=48,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               use_parallel_residual=True))
+    with pytest.raises(ValueError, match="parallel bottleneck adapters need post_attention_layernorm"):
+        peftops.patch(model, AdapterConfig(bottleneck=4, placement="parallel"))
+    assert all(p.requires_grad for p in model.parameters())
+    peftops.patch(model, AdapterConfig(bottleneck=4, placement="houlsby"))  # which that layer has
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("attention_bias", [False, True])
 def test_houlsby_on_llama_attention_keeps_the_projection_input(monkeypatch, activation, attention_bias):

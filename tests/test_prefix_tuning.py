@@ -448,3 +448,20 @@ def test_models_sharing_one_config_object_stay_independent():
     parent = build()
     peftops.unpatch(peftops.patch(parent.transformer, peftops.PrefixConfig(P)))
     assert parent.transformer.config is parent.config is config
+
+
+def test_softcapped_attention_is_refused_when_patching():
+    # Gemma2 caps its attention logits (attn_logit_softcapping=50 by default), which the op does not: refused at
+    # patch time, not at the first forward; with the cap off it patches
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    def gemma2(**kwargs):
+        return Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              head_dim=8, **kwargs))
+
+    model = gemma2()
+    with pytest.raises(ValueError, match="softcapping"):
+        peftops.patch(model, peftops.PrefixConfig(P))
+    assert all(p.requires_grad for p in model.parameters())
+    peftops.patch(gemma2(attn_logit_softcapping=None), peftops.PrefixConfig(P))

@@ -146,8 +146,9 @@ def head_task(model) -> tuple:
     from ..layers import Ia3Linear, LoraLinear
     for suffix, task, heads in _HEAD_TASKS:
         if type(model).__name__.endswith(suffix):
-            found = [h for h in heads if isinstance(getattr(model, h, None), torch.nn.Module)]
-            if any(isinstance(getattr(model, h), (LoraLinear, Ia3Linear)) for h in found):
+            # peft saves every module whose name ends with a head's name (DistilBERT's pre_classifier too)
+            found = [n for n, m in model.named_modules() if any(n.endswith(h) for h in heads)]
+            if any(isinstance(model.get_submodule(h), (LoraLinear, Ia3Linear)) for h in found):
                 return None, []
             return task, found
     return None, []
@@ -155,7 +156,8 @@ def head_task(model) -> tuple:
 
 def head_tensors(model, prefix: str) -> dict:
     """File key -> live parameter of the model's classification head (peft's key layout under `prefix`)."""
-    return {f"{prefix}{h}.{n}": p for h in head_task(model)[1] for n, p in getattr(model, h).named_parameters()}
+    return {f"{prefix}{h}.{n}": p for h in head_task(model)[1]
+            for n, p in model.get_submodule(h).named_parameters()}
 
 
 def read_checked(path: str, expected: dict, heads: dict) -> dict:

@@ -79,7 +79,10 @@ def _parallel_forward(self, x, *args, **kwargs):
     r, stream[0] = stream[0], None
     if r is None:
         raise RuntimeError("parallel bottleneck adapter: the MLP ran without its layer's feed-forward norm before it")
-    return getattr(self, CHILD)(r, residual=call_original(self, x, *args, **kwargs))
+    out = call_original(self, x, *args, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return getattr(self, CHILD)(r, residual=out)
+    return (getattr(self, CHILD)(r, residual=out[0]),) + tuple(out[1:])  # a MoE block's router logits ride along
 
 
 def _bert_pfeiffer_forward(self, hidden_states, input_tensor):
@@ -136,7 +139,14 @@ def _plan(model, placement: str) -> list:
         for sub, forward in _PLAN[family, placement]:
             if sub == "post_attention_layernorm" and hasattr(layer, "pre_feedforward_layernorm"):
                 sub = "pre_feedforward_layernorm"  # Gemma-style layers norm the MLP input with their own norm
-            plan.append((".".join(n for n in (name, sub) if n), forward, name))
+            full = ".".join(n for n in (name, sub) if n)
+            target = layer
+            for attr in sub.split(".") if sub else ():
+                target = getattr(target, attr, None)
+            if not isinstance(target, nn.Module):
+                raise ValueError(f"{placement} bottleneck adapters need {sub} in every {family}-style layer; {name} "
+                                 f"has none (a layer with a parallel residual has no norm between attention and MLP)")
+            plan.append((full, forward, name))
     if not plan:
         kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
         raise ValueError(f"bottleneck adapters support the Llama, GPT-2 and BERT families; found no such layers in "

@@ -228,7 +228,14 @@ def _shape(model):
     hidden = next((getattr(cfg, n) for n in ("hidden_size", "n_embd", "d_model") if hasattr(cfg, n)), None)
     if None in (layers, heads, hidden):
         raise ValueError(f"prefix tuning: cannot read the layer count, heads and width of {type(cfg).__name__}")
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    try:
+        head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    except Exception as e:  # e.g. Gemma4's per-layer head dims, whose global read raises
+        raise ValueError(f"prefix tuning needs one head dim for every layer; {type(cfg).__name__} has none: {e}") \
+            from None
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"prefix tuning does not support attention logit softcapping ({type(cfg).__name__}."
+                         f"attn_logit_softcapping={cfg.attn_logit_softcapping}); set it to None to patch")
     return layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim
 
 
