@@ -435,3 +435,18 @@ def test_a_bottleneck_adapter_built_into_a_model_is_not_a_patch():
     model = nn.Sequential(nn.Linear(8, 8), BottleneckAdapter(8, 2), nn.Linear(8, 4))
     peftops.patch(model, LoraConfig(r=2, target_modules=["0", "2"]))
     assert isinstance(model[0], LoraLinear)
+
+
+def test_all_linear_says_what_it_leaves_of_fused_moe_experts():
+    # transformers 5 keeps a MoE block's experts as 3-D weights, which peft's "all-linear" adapts through
+    # target_parameters and peftops does not: a warning says so (4.57's experts are nn.Linear, adapted, no warning)
+    import warnings
+    from transformers import MixtralConfig, MixtralForCausalLM
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                             num_experts_per_tok=2))
+    fused = any(p.dim() == 3 for p in model.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peftops.patch(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    assert any("fused MoE expert weights" in str(w.message) for w in caught) == fused
