@@ -100,8 +100,9 @@ def check_like_kernels(op: str, *args, **kwargs) -> None:
     """The fallback's argument checks: the compiled op's own, run on meta copies of the tensors (shapes, strides and
     dtypes, no data), so that both paths refuse the same input with the same message. Callers pass no dropout
     (training=False), so that no seed is drawn here. Without the library there is nothing to run them with."""
-    if not LOADED:
-        return
+    first = next(t for t in args if isinstance(t, torch.Tensor))
+    if not LOADED or torch.is_autocast_enabled(first.device.type):
+        return  # (meta tensors skip autocast's casts, so the dtype checks would see the operands uncast)
 
     def meta(t):
         if not isinstance(t, torch.Tensor):

@@ -248,6 +248,17 @@ def test_a_head_saved_by_peft_suffix_rule_travels_both_ways(tmp_path):
     peftops.save_adapter(ours, tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "ours")
     assert_close(theirs.eval()(input_ids=ids).logits, ref(input_ids=ids).logits, what="peftops' file in peft")
+    # a file that carries the classifier alone (as peftops saved them before) still loads: each head module the
+    # file has is loaded whole, the others are left as they are
+    from safetensors.torch import load_file, save_file
+    weights = tmp_path / "ours" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if "pre_classifier" not in k}, weights)
+    again = peftops.patch(build(), LoraConfig(r=4, alpha=8, target_modules=["q_lin", "v_lin"]))
+    peftops.load_adapter(again, tmp_path / "ours")
+    assert torch.equal(again.classifier.weight, ours.classifier.weight)
+    save_file({k: v for k, v in load_file(weights).items() if not k.endswith("classifier.bias")}, weights)
+    with pytest.raises(ValueError, match="classifier.bias"):  # half a module is not loaded
+        peftops.load_adapter(again, tmp_path / "ours")
 
 
 def _bert_classifier():

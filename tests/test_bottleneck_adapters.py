@@ -273,6 +273,8 @@ def test_parallel_on_a_moe_block_that_returns_router_logits():
         vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
         num_experts_per_tok=2)).eval()
+    if isinstance(model.model.layers[0].mlp(torch.randn(1, 2, 32)), torch.Tensor):
+        pytest.skip("this transformers' MoE block returns a tensor (4.57's, run by CI's interop leg, a tuple)")
     ids = input_ids(vocab=100)
     before = output(model, ids)
     peftops.patch(model, AdapterConfig(bottleneck=4, placement="parallel"))

@@ -390,6 +390,18 @@ def test_the_fallback_refuses_what_the_kernels_refuse(monkeypatch, call, match):
         call()
 
 
+def test_the_fallback_under_autocast_takes_what_the_kernels_take(monkeypatch):
+    # autocast casts the operands before the kernels' checks; meta copies would skip that cast, so the fallback
+    # leaves its checks to the reference there
+    x, w, b, a, bb = torch.randn(3, 8).bfloat16(), torch.randn(5, 8), torch.randn(5), torch.randn(2, 8), torch.randn(5, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = ops.lora_linear(x, w, b, a, bb, 0.5)
+        monkeypatch.setattr(_extension, "use_kernels", lambda device: False)
+        out = ops.lora_linear(x, w, b, a, bb, 0.5)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0.02, atol=0.05)
+
+
 def test_internal_ops_check_what_they_index():
     # reachable as torch.ops.peftops.*: arguments that do not fit are refused, never read out of bounds
     q = torch.randn(1, 1, 4, 8)

@@ -208,6 +208,19 @@ def test_layers_whose_modules_run_more_than_forward_fall_back(where):
     assert_close(output(ours, ids), output(ref, ids), 1e-6, what="output")
 
 
+def test_a_device_hook_that_moves_nothing_keeps_the_fused_op(op_calls):
+    # a device_map over several devices puts accelerate's AlignDevicesHook (no offload) on every layer: with x and
+    # the weights already on its execution device it would move nothing, so the layer stays fused
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    ours, ref = peft_pair()
+    for m in ours.modules():
+        if isinstance(m, peft.tuners.lora.layer.Linear):
+            for module in (m.base_layer, m.lora_A["default"], m.lora_B["default"]):
+                add_hook_to_module(module, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    _, messages = record(lambda: check_same(ours, ref))
+    assert op_calls and not messages
+
+
 def test_other_layer_types_keep_peft_forward():
     ref = peft.get_peft_model(tiny_llama(), lora_config(target_modules=["embed_tokens", "q_proj"]))
     randomize_lora(ref)

@@ -165,7 +165,10 @@ def read_checked(path: str, expected: dict, heads: dict) -> dict:
     optionally, the classification head that a peft file of a classification model carries (`heads`: file key ->
     live parameter), which is copied in after every check; the caller copies the rest. A mismatch changes nothing."""
     loaded = read_weights(path)
-    with_head = {**expected, **heads} if any(k in loaded for k in heads) else expected
+    # a head module counts when the file has any of its tensors (then it must have them all): files differ in which
+    # modules they carry (peftops' before it followed peft's suffix rule: classifier without pre_classifier)
+    carried = {k.rsplit(".", 1)[0] for k in heads if k in loaded}
+    with_head = {**expected, **{k: p for k, p in heads.items() if k.rsplit(".", 1)[0] in carried}}
     check_tensors(path, with_head, loaded)
     with torch.no_grad():
         for key in with_head.keys() & heads.keys():

@@ -83,9 +83,9 @@ def find_targets(model: nn.Module, targets, explicit: bool, technique: str = "Lo
             raise ValueError(f"target_modules='all-linear' found no linear layer in {type(model).__name__}")
         fused = [n for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in f".{n}"]
         if fused:
-            warnings.warn(f"peftops: target_modules='all-linear' adapts nn.Linear and Conv1D modules only; the fused "
-                          f"MoE expert weights ({fused[0]}, ...), which peft's 'all-linear' also adapts through "
-                          f"target_parameters, stay frozen", stacklevel=3)
+            warnings.warn(f"peftops: target_modules='all-linear' adapts nn.Linear and Conv1D modules only: the fused "
+                          f"MoE expert weights ({fused[0]}, ...) stay frozen (peft's LoRA adapts those of some models "
+                          f"through target_parameters)", stacklevel=3)
     found = [(n, m) for n, m in model.named_modules() if n and matches(targets, n)]
     if not found:
         raise ValueError(f"target_modules {targets!r} match no module of {type(model).__name__}")
