@@ -83,7 +83,9 @@ def test_several_adapters_set_adapter_and_add_adapter(op_calls):
     for model in (ours, ref):
         model.add_adapter("other", other)
         randomize_lora(model, seed=7)
-    peftops.patch(ours)  # idempotent: patches only the k_proj layers that add_adapter created
+    # add_adapter on the patched model patched the k_proj layers it created (patch again: idempotent, nothing new)
+    assert sum("_peftops_saved_forward" in m.__dict__ for m in ours.modules()) == 6
+    peftops.patch(ours)
     assert sum("_peftops_saved_forward" in m.__dict__ for m in ours.modules()) == 6
     for model in (ours, ref):
         model.set_adapter("other")
@@ -93,6 +95,24 @@ def test_several_adapters_set_adapter_and_add_adapter(op_calls):
     op_calls.clear()
     check_same(ours, ref)
     assert len(op_calls) == 6
+
+
+def test_peft_load_adapter_on_new_modules_computes_fused(tmp_path, op_calls):
+    # peft's own load_adapter of an adapter on other target modules, on the patched model: its new layers are fused
+    # too; unpatch takes the relay off and leaves peft's method
+    ours, ref = peft_pair()
+    source = peft.get_peft_model(BUILDERS["llama"](), lora_config(target_modules=["k_proj", "o_proj"]))
+    randomize_lora(source, seed=5)
+    source.save_pretrained(tmp_path)
+    for model in (ours, ref):
+        model.load_adapter(str(tmp_path), adapter_name="other")
+        model.set_adapter("other")
+    op_calls.clear()
+    check_same(ours, ref)
+    assert len(op_calls) == 4  # k_proj and o_proj of both layers
+    peftops.unpatch(ours)
+    assert "load_adapter" not in ours.__dict__ and "add_adapter" not in ours.__dict__
+    check_same(ours, ref)
 
 
 def test_disable_adapter_and_merged_state():

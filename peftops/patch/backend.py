@@ -4,6 +4,7 @@ backend_mixed.py); IA3 layers through ops.ia3_linear (see backend_ia3.py).
 
 Only the layers' `forward` is replaced, per instance and reversibly; parameters, names, state dict keys and peft's
 API stay peft's. What the fused op does not cover runs peft's own forward, with one warning per reason."""
+import functools
 import warnings
 
 import torch
@@ -156,9 +157,20 @@ def _fused_forward(self, x, *args, **kwargs):
     return result
 
 
+# peft's PeftModel methods that may add tuner layers (an adapter on new target modules): while patched, each is
+# followed by patch_peft again, so that those layers compute fused too.
+_ADDS_LAYERS = ("add_adapter", "load_adapter")
+
+
+def _then_patch(name, model, *args, **kwargs):
+    result = getattr(type(model), name)(model, *args, **kwargs)
+    patch_peft(model)
+    return result
+
+
 def patch_peft(model) -> nn.Module:
     """Swap the forward of every peft LoRA (or IA3) `Linear` layer; idempotent (a second call patches only layers
-    added since, e.g. by `add_adapter` with new target modules)."""
+    added since; `add_adapter` and `load_adapter` make that call themselves while the model is patched)."""
     if not is_peft_model(model):
         raise ValueError(f"peftops.patch(model) without a config needs a peft.PeftModel adapted with LoRA or IA3, got "
                          f"{type(model).__name__}; pass a peftops config to add peftops adapters to a plain model")
@@ -186,6 +198,9 @@ def patch_peft(model) -> nn.Module:
     if uncovered and "layer types" not in warned:
         warned.add("layer types")
         warnings.warn(f"peftops: peft {kind} layers of type {sorted(uncovered)} keep peft's own forward", stacklevel=3)
+    for name in _ADDS_LAYERS:  # (a partial of a module-level function: the patched model still pickles)
+        if name not in model.__dict__:
+            setattr(model, name, functools.partial(_then_patch, name, model))
     return model
 
 
@@ -194,6 +209,8 @@ def is_patched_peft(model) -> bool:
 
 
 def unpatch_peft(model) -> nn.Module:
+    for name in _ADDS_LAYERS:
+        model.__dict__.pop(name, None)
     for module in model.modules():
         if is_replaced(module):
             restore_forward(module)
