@@ -69,9 +69,10 @@ def _cuda_runs(device: torch.device) -> bool:
 
 
 def backends() -> dict:
-    """What was compiled (cpu, cuda, CUDA archs) and what can run now."""
-    info = {"compiled": list(COMPILED), "cuda_archs": list(CUDA_ARCHS), "runs": [], "fallback": fallback_enabled(),
-            "error": _load_error}
+    """What was compiled (cpu, cuda, CUDA archs) and what can run now. The archs are under SPEC's word, "archs", and
+    under "cuda_archs" as before."""
+    info = {"compiled": list(COMPILED), "archs": list(CUDA_ARCHS), "cuda_archs": list(CUDA_ARCHS), "runs": [],
+            "fallback": fallback_enabled(), "error": _load_error}
     if LOADED:
         info["runs"] = ["cpu"]
         if "cuda" in COMPILED and torch.cuda.is_available():

@@ -96,7 +96,7 @@ def test_backends_reports_the_build():
     assert "cpu" in info["compiled"] and "cpu" in info["runs"]
     assert ("cuda" in info["runs"]) == (torch.cuda.is_available() and "cuda" in info["compiled"])
     if "cuda" in info["compiled"]:
-        assert info["cuda_archs"]
+        assert info["cuda_archs"] and info["archs"] == info["cuda_archs"]
 
 
 @pytest.mark.parametrize("archs,capability,runs", [
