@@ -45,7 +45,7 @@ cat "$RES/env.txt"
 
 # 1. Build in place (only this machine's build may be loaded: drop any library that travelled here).
 rm -f peftops/_C*.so
-step build 180 "$RES/build.log" env PEFTOPS_CUDA="${PEFTOPS_CUDA:-1}" "$PY" setup.py build_ext --inplace
+step build 240 "$RES/build.log" env PEFTOPS_CUDA="${PEFTOPS_CUDA:-1}" "$PY" setup.py build_ext --inplace
 "$PY" -c "import peftops; print(peftops.backends())" 2>&1 | tee -a "$RES/build.log" "$RES/env.txt"
 
 # 2. The CUDA tests (CUDA-parametrized tests and the cupy DLPack check), over 6 workers where pytest-xdist is
