@@ -12,8 +12,6 @@ template <typename scalar_t, int kD>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(Operands<scalar_t> a, Strided<scalar_t> out, at::opmath_type<scalar_t>* lse) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kT = kTile<kD>;
-  __shared__ acc_t ks[kT * kD], vs[kT * kD];
   const int64_t b = blockIdx.z, hq = blockIdx.y, h = hq / a.G, L = a.vis.L;
   const int64_t l0 = static_cast<int64_t>(blockIdx.x) * kThreads, l = l0 + threadIdx.x;
   const bool active = l < L;
@@ -24,33 +22,21 @@ __global__ void __launch_bounds__(kThreads)
   for (int d = 0; d < kD; ++d) o[d] = 0;
   acc_t m = -inf, sum = 0;
   bool nan = false;  // a visible NaN score makes the row NaN, as softmax does
-  const int64_t reach = a.P + a.vis.end(smaller(L, l0 + kThreads) - 1);  // the block's last visible key, plus one
-  for (int64_t t0 = 0; t0 < reach; t0 += kT) {
-    const int n = static_cast<int>(smaller(kT, reach - t0));
-    __syncthreads();  // the previous tile is consumed
-    stage<kD>(ks, n, a.D, [&](int i, int d) { return key_at(a.pk, a.k, a.P, b, h, t0 + i, d); });
-    stage<kD>(vs, n, a.D, [&](int i, int d) { return key_at(a.pv, a.v, a.P, b, h, t0 + i, d); });
-    __syncthreads();
-    if (!active) continue;
-#pragma unroll 1
-    for (int i = 0; i < n; ++i) {  // one key at a time: the code stays small (fast to compile) and in registers
-      const int64_t j = t0 + i;
-      if (j >= a.P && !a.vis.sees(b, l, j - a.P)) continue;
-      const acc_t z = dot(qr, ks + i * kD) * scale;
-      if (z != z) nan = true;
-      if (z != z || z == -inf) continue;  // weight 0 (a NaN row is made NaN at the end)
-      if (z > m) {  // a new maximum rescales what came before (by 0 while m = -inf)
-        const acc_t c = exp_of(m - z);
-        sum *= c;
+  for_each_visible_key<kD>(a, b, h, l0, l, [&](const acc_t* k_j, const acc_t* v_j) {
+    const acc_t z = dot(qr, k_j) * scale;
+    if (z != z) nan = true;
+    if (z != z || z == -inf) return;  // weight 0 (a NaN row is made NaN at the end)
+    if (z > m) {  // a new maximum rescales what came before (by 0 while m = -inf)
+      const acc_t c = exp_of(m - z);
+      sum *= c;
 #pragma unroll
-        for (int d = 0; d < kD; ++d) o[d] *= c;
-        m = z;
-      }
-      const acc_t p = exp_of(z - m);
-      sum += p;
-      axpy(o, p, vs + i * kD);
+      for (int d = 0; d < kD; ++d) o[d] *= c;
+      m = z;
     }
-  }
+    const acc_t p = exp_of(z - m);
+    sum += p;
+    axpy(o, p, v_j);
+  });
   if (!active) return;
   const bool finite = !nan && m > -inf && m < inf;
   const acc_t inv = finite ? acc_t(1) / sum : nan_of<acc_t>();

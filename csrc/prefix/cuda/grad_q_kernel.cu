@@ -14,8 +14,6 @@ __global__ void __launch_bounds__(kThreads)
     grad_q_kernel(Operands<scalar_t> a, Strided<const scalar_t> dout, Strided<const scalar_t> out,
                   const at::opmath_type<scalar_t>* lse, Strided<scalar_t> dq, at::opmath_type<scalar_t>* delta) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kT = kTile<kD>;
-  __shared__ acc_t ks[kT * kD], vs[kT * kD];
   const int64_t b = blockIdx.z, hq = blockIdx.y, h = hq / a.G, L = a.vis.L;
   const int64_t l0 = static_cast<int64_t>(blockIdx.x) * kThreads, l = l0 + threadIdx.x;
   const bool active = l < L;
@@ -29,23 +27,11 @@ __global__ void __launch_bounds__(kThreads)
   const bool finite = row_lse > -inf && row_lse < inf;  // else every p is NaN, as the forward's row was
 #pragma unroll
   for (int d = 0; d < kD; ++d) g[d] = 0;
-  const int64_t reach = a.P + a.vis.end(smaller(L, l0 + kThreads) - 1);
-  for (int64_t t0 = 0; t0 < reach; t0 += kT) {
-    const int n = static_cast<int>(smaller(kT, reach - t0));
-    __syncthreads();
-    stage<kD>(ks, n, a.D, [&](int i, int d) { return key_at(a.pk, a.k, a.P, b, h, t0 + i, d); });
-    stage<kD>(vs, n, a.D, [&](int i, int d) { return key_at(a.pv, a.v, a.P, b, h, t0 + i, d); });
-    __syncthreads();
-    if (!active) continue;
-#pragma unroll 1
-    for (int i = 0; i < n; ++i) {
-      const int64_t j = t0 + i;
-      if (j >= a.P && !a.vis.sees(b, l, j - a.P)) continue;
-      const acc_t p = finite ? exp_of(dot(qr, ks + i * kD) * scale - row_lse) : nan_of<acc_t>();
-      if (p == acc_t(0)) continue;  // a key whose p underflows adds nothing (nor a NaN from its value)
-      axpy(g, p * (dot(dor, vs + i * kD) - dlt) * scale, ks + i * kD);
-    }
-  }
+  for_each_visible_key<kD>(a, b, h, l0, l, [&](const acc_t* k_j, const acc_t* v_j) {
+    const acc_t p = finite ? exp_of(dot(qr, k_j) * scale - row_lse) : nan_of<acc_t>();
+    if (p == acc_t(0)) return;  // a key whose p underflows adds nothing (nor a NaN from its value)
+    axpy(g, p * (dot(dor, v_j) - dlt) * scale, k_j);
+  });
   if (!active) return;
   delta[at_row] = dlt;
   store_row(dq.row(b, hq, l), dq.d, a.D, g);

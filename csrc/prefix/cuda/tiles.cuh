@@ -102,6 +102,31 @@ __device__ __forceinline__ scalar_t key_at(const Strided<const scalar_t>& prefix
 template <typename scalar_t>
 using acc_of = at::opmath_type<scalar_t>;
 
+// The query-row kernels' walk over the keys (forward and dq): the block stages, tile by tile, the keys
+// [prefix | sequence] that its rows [l0, l0 + kThreads) reach, and the thread of row l (if l < L) visits those its row
+// sees, visit(k_j, v_j) on the staged rows. Every thread of the block takes part in the staging and its barriers.
+template <int kD, typename scalar_t, typename Visit>
+__device__ __forceinline__ void for_each_visible_key(const Operands<scalar_t>& a, int64_t b, int64_t h, int64_t l0,
+                                                     int64_t l, Visit&& visit) {
+  using acc_t = acc_of<scalar_t>;
+  constexpr int kT = kTile<kD>;
+  __shared__ acc_t ks[kT * kD], vs[kT * kD];
+  const int64_t L = a.vis.L, reach = a.P + a.vis.end(smaller(L, l0 + kThreads) - 1);  // the block's last key + 1
+  for (int64_t t0 = 0; t0 < reach; t0 += kT) {
+    const int n = static_cast<int>(smaller(kT, reach - t0));
+    __syncthreads();  // the previous tile is consumed
+    stage<kD>(ks, n, a.D, [&](int i, int d) { return key_at(a.pk, a.k, a.P, b, h, t0 + i, d); });
+    stage<kD>(vs, n, a.D, [&](int i, int d) { return key_at(a.pv, a.v, a.P, b, h, t0 + i, d); });
+    __syncthreads();
+    if (l >= L) continue;
+#pragma unroll 1
+    for (int i = 0; i < n; ++i) {  // one key at a time: the code stays small (fast to compile) and in registers
+      const int64_t j = t0 + i;
+      if (j < a.P || a.vis.sees(b, l, j - a.P)) visit(ks + i * kD, vs + i * kD);
+    }
+  }
+}
+
 template <typename scalar_t, int kD>
 void launch_forward(dim3 grid, cudaStream_t stream, const Operands<scalar_t>& a, Strided<scalar_t> out,
                     acc_of<scalar_t>* lse);
