@@ -4,6 +4,7 @@ prefix shifts them, greedy generation with the KV cache, peft-format files both 
 import copy
 import json
 import os
+import warnings
 
 import peft
 import pytest
@@ -249,6 +250,12 @@ def test_bert_matches_peft(pad, tmp_path):
     am = mask(pad)
     expected = ref(input_ids=IDS, attention_mask=am).last_hidden_state
     assert_close(ours(input_ids=IDS, attention_mask=am).last_hidden_state, expected, what="hidden states")
+    # peft ignores token type ids here (not a classification task), with a warning: so do we
+    with pytest.warns(UserWarning, match="[Tt]oken type ids"):
+        pair = ref(input_ids=IDS, attention_mask=am, token_type_ids=IDS % 2).last_hidden_state
+    with pytest.warns(UserWarning, match="ignores token type ids"):
+        assert_close(ours(input_ids=IDS, attention_mask=am, token_type_ids=IDS % 2).last_hidden_state, pair,
+                     what="with token types")
     peftops.save_adapter(ours, tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours").eval()
     assert_close(back(input_ids=IDS, attention_mask=am).last_hidden_state, expected, what="reloaded in peft")
@@ -282,7 +289,11 @@ def test_files_saved_from_other_model_classes_load_in_peft(cls, tmp_path):
         if "does not support past key values" not in str(e):
             raise
         pytest.skip(f"peft itself cannot run prefix tuning on {cls} with this transformers: {e}")
-    out, expected = ours(input_ids=IDS, attention_mask=am), loaded(input_ids=IDS, attention_mask=am)
+    # token types: peft keeps them for classification, ignores them (warning) for a bare model, and so do we
+    kw = {"input_ids": IDS, "attention_mask": am, **({"token_type_ids": IDS % 2} if "Llama" not in cls else {})}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*[Tt]oken type ids")
+        out, expected = ours(**kw), loaded(**kw)
     key = "logits" if "logits" in out else "last_hidden_state"
     assert_close(out[key], expected[key], what=key)
     assert not torch.allclose(out[key], build()(input_ids=IDS, attention_mask=am)[key], atol=1e-4)

@@ -24,7 +24,8 @@ void check_bias_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   check_like(bias, x, "bias_linear", "bias", "x");
 }
 
-void check_bias_dropout_add(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual, double p) {
+void check_bias_dropout_add(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual, double p,
+                            bool training) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "bias_dropout_add: x must have shape [..., features], got a 0-d tensor");
   TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == x.size(-1), "bias_dropout_add: bias must be [", x.size(-1),
                     "], got shape ", bias.sizes());
@@ -33,7 +34,7 @@ void check_bias_dropout_add(const at::Tensor& x, const at::Tensor& bias, const a
   check_float(x, "bias_dropout_add", "x");
   check_like(bias, x, "bias_dropout_add", "bias", "x");
   check_like(residual, x, "bias_dropout_add", "residual", "x");
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "bias_dropout_add: p must be in [0, 1), got ", p);
+  check_dropout_p(p, training, "bias_dropout_add", "p");
 }
 
 // The forward of bias_linear is one GEMM with the bias in its epilogue on every device.
@@ -46,7 +47,7 @@ static at::Tensor bias_linear_forward(const at::Tensor& x, const at::Tensor& wei
 
 static at::Tensor bias_dropout_add(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual, double p,
                                    bool training) {
-  check_bias_dropout_add(x, bias, residual, p);
+  check_bias_dropout_add(x, bias, residual, p, training);
   std::optional<at::Tensor> seed;
   if (training && p > 0.0) seed = at::randint(std::numeric_limits<int64_t>::max(), {}, x.options().dtype(at::kLong));
   static auto forward = c10::Dispatcher::singleton()

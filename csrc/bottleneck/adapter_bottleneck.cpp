@@ -20,6 +20,7 @@
 
 #include "../common/activations.h"
 #include "../common/checks.h"
+#include "../common/products.h"
 #include "adapter_bottleneck.h"
 
 namespace peftops::bottleneck {
@@ -136,7 +137,9 @@ at::Tensor add_update(const Tensor& base, const Tensor& a, const Tensor& w_up, c
                       int64_t activation, double scale) {
   const auto fa = activation_op().call(a, activation, has(b_up));  // [N, m (+1 column of ones)]
   const auto wu = has(b_up) ? at::cat({w_up, b_up->unsqueeze(1)}, 1) : w_up;
-  return at::addmm(base, fa, wu.t(), 1.0, scale);
+  auto out = base.clone(at::MemoryFormat::Contiguous);
+  add_scaled_product(out, fa, wu.t(), scale);  // scale 0 keeps a NaN in the adapter, as peers' scale * up(...) does
+  return out;
 }
 
 TORCH_LIBRARY_FRAGMENT(peftops, m) {

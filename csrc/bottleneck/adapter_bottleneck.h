@@ -13,13 +13,15 @@ at::Tensor add_update(const at::Tensor& base, const at::Tensor& a, const at::Ten
                       const std::optional<at::Tensor>& b_up, int64_t activation, double scale);
 
 // The activation ops' own checks (internal, but reachable as torch.ops.peftops.*): a 2-D pre-activation a, a known
-// activation code, and a gradient of a's shape and dtype.
+// activation code, and a gradient of a's shape, dtype and device.
 inline void check_activation_args(const at::Tensor& a, int64_t activation, const at::Tensor* grad = nullptr) {
   TORCH_CHECK_VALUE(a.dim() == 2, "bottleneck_activation: a must be 2-D [tokens, m], got shape ", a.sizes());
   TORCH_CHECK_VALUE(activation >= 0 && activation <= 3, "bottleneck_activation: activation code must be 0-3, got ",
                     activation);
-  TORCH_CHECK_VALUE(grad == nullptr || (grad->sizes() == a.sizes() && grad->scalar_type() == a.scalar_type()),
-                    "bottleneck_activation_backward: grad must have a's shape ", a.sizes(), " and dtype");
+  TORCH_CHECK_VALUE(grad == nullptr || (grad->sizes() == a.sizes() && grad->scalar_type() == a.scalar_type() &&
+                                        grad->device() == a.device()),
+                    "bottleneck_activation_backward: grad must have a's shape ", a.sizes(), ", dtype ",
+                    a.scalar_type(), " and device ", a.device());
 }
 
 }  // namespace peftops::bottleneck

@@ -41,6 +41,12 @@ inline void check_bias(const std::optional<at::Tensor>& bias, int64_t out, const
   check_like(*bias, ref, op, "bias", ref_name);
 }
 
+// A dropout probability in [0, 1); 1 too where dropout is off (eval), as nn.Dropout's eval takes it.
+inline void check_dropout_p(double p, bool training, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(p >= 0.0 && (p < 1.0 || (!training && p == 1.0)), op, ": ", name, " must be in [0, 1)",
+                    training ? "" : " (or 1 in eval)", ", got ", p);
+}
+
 // A scale the kernels apply in x's compute type (float32 for 16-bit and float32 inputs): finite there. 1e39 is a
 // finite double but no float, and ATen would refuse it later with an error that names no argument.
 inline void check_scale(double scale, const at::Tensor& x, const char* op) {

@@ -19,8 +19,9 @@ Dropout make_dropout(double p, const std::optional<at::Tensor>& seed, uint64_t o
     d.threshold = dropout_threshold(p);
     d.keep_scale = 1.0 / (1.0 - p);
     // read here on the host; CUDA kernels read their seed on the device and never come here with one
-    TORCH_CHECK_VALUE(seed->is_cpu() && seed->numel() == 1, "dropout: the seed must be one CPU int64 for CPU "
-                      "inputs, got ", seed->numel(), " elements on ", seed->device());
+    TORCH_CHECK_VALUE(seed->is_cpu() && seed->numel() == 1 && seed->scalar_type() == at::kLong,
+                      "dropout: the seed must be one CPU int64 for CPU inputs, got ", seed->numel(), " ",
+                      seed->scalar_type(), " on ", seed->device());
     d.seed = static_cast<uint64_t>(seed->item<int64_t>());
   }
   return d;
@@ -28,7 +29,7 @@ Dropout make_dropout(double p, const std::optional<at::Tensor>& seed, uint64_t o
 
 void dropout_apply(const at::Tensor& src, at::Tensor& dst, const std::optional<at::Tensor>& seed, double p,
                    bool accumulate) {
-  TORCH_CHECK(src.dim() == 2 && dst.sizes() == src.sizes() && src.stride(1) == 1 && dst.stride(1) == 1 &&
+  TORCH_CHECK(src.dim() == 2 && dst.sizes() == src.sizes() && unit_columns(src) && unit_columns(dst) &&
                   src.scalar_type() == dst.scalar_type(),
               "dropout_apply: expects two 2-D matrices of one shape and dtype with unit column stride");
   if (src.is_cuda()) {

@@ -9,6 +9,10 @@ namespace peftops {
 // inactive when p = 0 or there is no seed.
 Dropout make_dropout(double p, const std::optional<at::Tensor>& seed, uint64_t offset = 0);
 
+// A 2-D matrix whose rows are runs of contiguous elements: unit column stride, or one column (torch calls an
+// [N, 1] view contiguous whatever its column stride, so .contiguous() keeps that stride).
+inline bool unit_columns(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; }
+
 // dst = base + keep(seed, index) / (1 - p) * src over 2-D [rows, cols] matrices with unit column stride, base being
 // dst itself (accumulate) or 0; the Philox mask of common/philox.h over src's row-major elements, on the tensors'
 // device (CPU: common/cpu/row_pass.h, CUDA: common/cuda/dropout_kernels.cu). p = 0 or no seed keeps everything.

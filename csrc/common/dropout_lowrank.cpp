@@ -83,7 +83,7 @@ at::Tensor dropout_lowrank_backward(const at::Tensor& x_in, const at::Tensor& dx
                                     bool want_da) {
   const auto x = rows_of(x_in, a, "dropout_lowrank_backward");
   TORCH_CHECK(u.dim() == 2 && u.size(0) == x.size(0) && u.size(1) == a.size(0) &&
-                  (!dx.defined() || (dx.sizes() == x.sizes() && dx.stride(1) == 1)),
+                  (!dx.defined() || (dx.sizes() == x.sizes() && unit_columns(dx))),
               "dropout_lowrank_backward: expects u [N, r] and dx like x");
   if (!x.is_cpu()) {
     if (dx.defined()) {

@@ -6,8 +6,11 @@
 // The same device-generic code serves CPU and CUDA: the heavy work is in lora_linear's kernels and the GEMMs.
 #include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/nonzero.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
@@ -63,14 +66,29 @@ void check_magnitude(const Tensor& weight, const Tensor& magnitude) {
                     " but weight is on ", weight.device());
 }
 
-// ||W_i + s (B A)_i|| for every output row i, in the accumulation type.
+// The identity's terms may cancel to this fraction of their magnitudes before its rounding shows in the norm.
+constexpr double kCancellation = 0.25;
+
+// ||W_i + s (B A)_i|| for every output row i, in the accumulation type. Where the identity's terms cancel (an adapter
+// that nearly undoes its row; rare in training, frequent with random weights and few input features) or overflow to
+// NaN, the row is recomputed from W_i + s (B A)_i itself, as peft forms it.
 Tensor column_norms(const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale) {
   const auto acc = at::toOpMathType(weight.scalar_type());
   const auto wa = at::mm(weight, lora_a.t()).to(acc);  // [out, r]
   const auto aa = at::mm(lora_a, lora_a.t()).to(acc);  // [r, r]
   const auto b = lora_b.to(acc);
   const auto w2 = at::linalg_vector_norm(weight, 2, {1}, false, acc).square_();
-  auto n2 = w2.add_(at::mul(wa, b).sum(1), 2.0 * scale).add_(at::mul(at::mm(b, aa), b).sum(1), scale * scale);
+  // scaled by multiplication: 2 s and s^2 may exceed float as alphas where s does not
+  const auto cross = at::mul(wa, b).sum(1).mul_(scale).mul_(2.0);
+  const auto quad = at::mul(at::mm(b, aa), b).sum(1).mul_(scale).mul_(scale);
+  auto n2 = at::add(w2, cross).add_(quad);
+  const auto rows = at::nonzero(n2.lt(w2.add(cross.abs()).add_(quad).mul_(kCancellation)).logical_or_(n2.isnan()));
+  if (rows.numel() > 0) {  // finding them costs one host sync; only the rows found are redone
+    const auto r = rows.view(-1);
+    const auto exact = at::addmm(weight.index_select(0, r).to(acc), lora_b.index_select(0, r).to(acc),
+                                 lora_a.to(acc), 1.0, scale);
+    n2.index_copy_(0, r, at::linalg_vector_norm(exact, 2, {1}, false, acc).square_());
+  }
   return n2.clamp_min_(0).sqrt_();
 }
 
@@ -125,7 +143,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
 
 Tensor dora_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lora_a,
                    const Tensor& lora_b, const Tensor& magnitude, double scale, double dropout_p, bool training) {
-  lora::check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p, "dora_linear");
+  lora::check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p, "dora_linear", training);
   check_magnitude(weight, magnitude);
   OptTensor seed;
   if (training && dropout_p > 0.0) {

@@ -14,7 +14,7 @@ namespace peftops::lora {
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p,
-                  const char* op) {
+                  const char* op, bool training) {
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have shape [..., in_features], got a 0-d tensor");
   check_weight(weight, op);
   TORCH_CHECK_VALUE(lora_a.dim() == 2, op, ": lora_a must be 2-D [r, in], got shape ", lora_a.sizes());
@@ -31,7 +31,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
   check_like(lora_b, x, op, "lora_b", "x");
   check_bias(bias, out, x, op, "x");
   check_scale(scale, x, op);
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  check_dropout_p(dropout_p, training, op, "dropout_p");
 }
 
 at::Tensor as_rows(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}); }
@@ -41,7 +41,7 @@ at::Tensor as_rows(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}); }
 static at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p,
                               bool training) {
-  check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p);
+  check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout_p, "lora_linear", training);
   std::optional<at::Tensor> seed;
   if (training && dropout_p > 0.0) {
     seed = at::randint(std::numeric_limits<int64_t>::max(), {}, x.options().dtype(at::kLong));

@@ -1,7 +1,7 @@
 // Many LoRA adapters in one batch, one implementation for CPU and CUDA: the base product once by the vendor GEMM,
 // then per adapter segment a gathered rank-r shrink and expand (vendor GEMMs again) scattered back in place with
-// index_add_. The segment layout is built on the host (on CUDA, one small device-to-host copy of the index per
-// call). On the CPU the gathered form came within 3% of hand-written row passes over the segments in place, and a
+// index_add_. The segment layout is built on the host: on CUDA, an index or scales that live on the GPU cost a
+// small synchronising device-to-host copy per call (backend mode keeps both on the CPU, so it has none). On the CPU the gathered form came within 3% of hand-written row passes over the segments in place, and a
 // segment that is one run of rows (a request's tokens) needs no gather at all; the CPU tests run the GPU's code.
 #include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
@@ -90,8 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_bac
     const SegmentRows rows(seg, rows_all, a);
     if (rows.count == 0) continue;
     const auto dys = rows.of(dy);
-    auto u = at::mm(dys, lora_b[a]).mul_(seg.scales[a]);
-    if (need_b) db[a].copy_(at::mm(dys.t(), rows.of(t).to(x.scalar_type())).mul_(seg.scales[a]));
+    const auto u = scaled_product(dys, lora_b[a], seg.scales[a]);
+    if (need_b) db[a].copy_(scaled_product(dys.t(), rows.of(t).to(x.scalar_type()), seg.scales[a]));
     if (need_a) da[a].copy_(at::mm(u.t(), rows.of(x2)));
     if (need_x) rows.add_product(dx, u, lora_a[a], 1.0);
   }

@@ -165,14 +165,15 @@ Tensor per_kv_head(const Tensor& t, const Shapes& s) {
 
 // alpha * a w per query head: a [B, Hq, L, X] (any strides: attention's transposed q and dO are read in place), w
 // [Hq, X, Y] shared by the batch (or [B, Hq, X, Y] per row) -> [B, Hq, L, Y]. A shared prefix is read as it is by
-// one batched GEMM per batch row: no copy of it per row and no relayout of a.
+// one batched GEMM per batch row: no copy of it per row and no relayout of a. (alpha = 0 is multiplied out: BLAS
+// would skip the product and hide a NaN in it.)
 Tensor head_gemm(const Tensor& a, const Tensor& w, const Shapes& s, double alpha = 1.0) {
   auto out = at::empty({s.B, s.Hq, s.L, w.size(-1)}, a.options());
   for (int64_t b = 0; b < s.B; ++b) {
     auto out_b = out[b];
-    at::baddbmm_out(out_b, out_b, a[b], w.dim() == 4 ? w[b] : w, 0.0, alpha);
+    at::baddbmm_out(out_b, out_b, a[b], w.dim() == 4 ? w[b] : w, 0.0, alpha == 0.0 ? 1.0 : alpha);
   }
-  return out;
+  return alpha == 0.0 ? out.mul_(0.0) : out;
 }
 
 // alpha * sum over the batch and the query rows of a^T c per query head -> [Hq, X, Y] ([B, Hq, X, Y] per row):
@@ -180,8 +181,8 @@ Tensor head_gemm(const Tensor& a, const Tensor& w, const Shapes& s, double alpha
 Tensor head_reduce(const Tensor& a, const Tensor& c, const Shapes& s, bool per_row, double alpha = 1.0) {
   if (per_row) return at::matmul(a.transpose(-1, -2), c).mul_(alpha);
   auto out = at::zeros({s.Hq, a.size(-1), c.size(-1)}, a.options());
-  for (int64_t b = 0; b < s.B; ++b) out.baddbmm_(a[b].transpose(1, 2), c[b], 1.0, alpha);
-  return out;
+  for (int64_t b = 0; b < s.B; ++b) out.baddbmm_(a[b].transpose(1, 2), c[b], 1.0, alpha == 0.0 ? 1.0 : alpha);
+  return alpha == 0.0 ? out.mul_(0.0) : out;
 }
 
 // Sequence segment: (o [B, Hq, L, D], lse [B, Hq, L] in the accumulation type, -inf where no key is visible), block

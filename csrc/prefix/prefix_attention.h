@@ -13,36 +13,29 @@ struct Shapes {
   double scale;
 };
 
-namespace cpu {
-
 // out [B, Hq, L, D] laid out as SDPA's [B, L, Hq, D], and the log-sum-exp [B, Hq, L] over every visible key
 // (float; double for double inputs).
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& pk, const at::Tensor& pv,
-                                           const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                           const Shapes& s);
+using Forward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const at::Tensor& pk, const at::Tensor& pv,
+                                                   const std::optional<at::Tensor>& attn_mask, bool is_causal,
+                                                   const Shapes& s);
 
 // (dq, dk, dv) in SDPA's layout, (dprefix_k, dprefix_v) contiguous.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
     const at::Tensor& pv, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
     bool is_causal, const Shapes& s);
 
+// One interface, one implementation per device.
+namespace cpu {
+Forward forward;
+Backward backward;
 }  // namespace cpu
 
 #ifdef PEFTOPS_WITH_CUDA
-namespace cuda {  // the CPU kernel's interface and results, on CUDA tensors
-
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& pk, const at::Tensor& pv,
-                                           const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                           const Shapes& s);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
-    const at::Tensor& pv, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask,
-    bool is_causal, const Shapes& s);
-
+namespace cuda {
+Forward forward;
+Backward backward;
 }  // namespace cuda
 #endif
 }  // namespace peftops::prefix

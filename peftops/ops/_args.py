@@ -28,6 +28,12 @@ def as_float(op: str, name: str, value) -> float:
     return float(value)
 
 
+def check_dropout_p(op: str, name: str, p: float, training: bool) -> None:
+    """A dropout probability in [0, 1); 1 too where dropout is off (eval), as nn.Dropout's eval takes it."""
+    if not (0.0 <= p < 1.0 or (not training and p == 1.0)):
+        raise ValueError(f"{op}: {name} must be in [0, 1){'' if training else ' (or 1 in eval)'}, got {p}")
+
+
 def check_flag(op: str, name: str, value) -> bool:
     """A bool keyword (`training`, `is_causal`, `feedforward`, `save_output`); TypeError naming it otherwise (None is
     not False)."""

@@ -3,7 +3,7 @@ import torch
 
 from .. import _extension
 from . import reference
-from ._args import as_float, check_flag, check_tensors
+from ._args import as_float, check_dropout_p, check_flag, check_tensors
 
 
 def bias_linear(x, weight, bias):
@@ -22,8 +22,7 @@ def bias_dropout_add(x, bias, residual, p=0.0, *, training=True):
     if _extension.use_kernels(x.device):
         return torch.ops.peftops.bias_dropout_add(x, bias, residual, p, training=training)
     _extension.check_like_kernels("bias_dropout_add", x, bias, residual, p, training=False)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"bias_dropout_add: p must be in [0, 1), got {p}")
+    check_dropout_p("bias_dropout_add", "p", p, training)
     seed = reference.draw_seed(x.device, p, training)
     return reference.bias_dropout_add(x, bias, residual, p if seed is not None else 0.0, seed)
 

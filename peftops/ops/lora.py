@@ -3,7 +3,7 @@ import torch
 
 from .. import _extension
 from . import reference
-from ._args import as_float, check_flag, check_tensors
+from ._args import as_float, check_dropout_p, check_flag, check_tensors
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, *, training=True):
@@ -18,8 +18,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, *, traini
         return torch.ops.peftops.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p,
                                              training=training)
     _extension.check_like_kernels("lora_linear", x, weight, bias, lora_a, lora_b, scale, dropout_p, training=False)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
+    check_dropout_p("lora_linear", "dropout_p", dropout_p, training)
     seed = reference.draw_seed(x.device, dropout_p, training)
     return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p if seed is not None else 0.0, seed)
 

@@ -101,7 +101,8 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, adapter_index):
     x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
     for a in range(lora_a.shape[0]):
         rows = (adapter_index == a).unsqueeze(1)
-        delta = scales[a] * F.linear(F.linear(x2, lora_a[a]), lora_b[a])
+        # other adapters' rows are zeroed before the product too: a NaN there must not reach this adapter's gradients
+        delta = scales[a] * F.linear(F.linear(torch.where(rows, x2, 0), lora_a[a]), lora_b[a])
         y2 = y2 + torch.where(rows, delta, torch.zeros_like(delta))
     return y2.reshape(y.shape)
 

@@ -88,10 +88,17 @@ def _keep_off_fast_paths(model: nn.Module, names: list) -> list:
 
 
 def freeze(model: nn.Module) -> list:
-    """Freezes every parameter; returns [(name, parameter, requires_grad before)] for restore_flags."""
+    """Freezes every parameter; returns [(name, parameter, requires_grad before)] for restore_flags. With transformers'
+    checkpointing already on, the embeddings' output is made to require grad, as peft does when it wraps such a model:
+    reentrant checkpointing (4.x's default) would otherwise pass no gradient to the adapters."""
     flags = [(n, p, p.requires_grad) for n, p in model.named_parameters(remove_duplicate=False)]
     for p in model.parameters():
         p.requires_grad_(False)
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # 5.x's name; 4.x's warns on 5.x
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
     return flags
 
 

@@ -16,6 +16,7 @@ tokens after what its cache holds, BERT's absolute positions as a causal LM's.""
 import copy
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -146,7 +147,7 @@ def _mask_is_causal(allowed, padding, causal: bool) -> bool:
         if torch.equal(allowed & live, full & live) and bool((live | opened_or_shut).all()):
             return candidate
     raise ValueError("prefix attention supports padding masks (plus causal masking in causal models); this model's "
-                     "attention mask is neither (packed sequences, sliding windows?)")
+                     "attention mask is neither (packed sequences, sliding windows, a static cache?)")
 
 
 def _materialised(q, k, v, pk, pv, padding, causal, scale, dropout):
@@ -322,11 +323,14 @@ def _set_attn_implementation(model, name):
         model.config._attn_implementation = name
 
 
-def _shift_positions(num_tokens, module, args, kwargs):
+def _shift_positions(num_tokens, drop_token_types, module, args, kwargs):
     """The base model's forward pre-hook (bound to P with functools.partial, so a patched model pickles). peft keeps
     the prefix in the cache, so the model numbers its tokens after it (causal LMs and BERT alike): positions given are
     shifted by P, and absent ones are P + the cache length + 0 .. L-1 (what the model computes with P more cached
-    tokens)."""
+    tokens). peft also ignores token type ids, with a warning, for every task but classification and QA."""
+    if drop_token_types and kwargs.get("token_type_ids") is not None:
+        warnings.warn("prefix tuning ignores token type ids outside classification models, as peft does")
+        kwargs["token_type_ids"] = None
     pos = kwargs.get("position_ids")
     if pos is None:
         x = kwargs.get("input_ids")
@@ -380,7 +384,9 @@ def patch_prefix(model: nn.Module, config: PrefixConfig, adapter_name: str) -> n
             for name in (KEY, VALUE):
                 module.register_parameter(name, nn.Parameter(torch.randn(num_kv, P, head_dim, dtype=dtype,
                                                                          device=device)))
-    hook = model.base_model.register_forward_pre_hook(functools.partial(_shift_positions, P), with_kwargs=True)
+    from ..io.peft_format import head_task  # (io imports patch)
+    hook = model.base_model.register_forward_pre_hook(
+        functools.partial(_shift_positions, P, head_task(model)[0] is None), with_kwargs=True)
     configs = []
     if through_registry:
         configs = _own_config(model)

@@ -16,6 +16,8 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> bias_linear_backward_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
                                                              std::array<bool, 2> output_mask) {
+  TORCH_CHECK_VALUE(grad_out.device() == weight.device(), "bias_linear_backward: grad_out is on ", grad_out.device(),
+                    " but weight is on ", weight.device());
   c10::cuda::CUDAGuard guard(grad_out.device());
   const auto dy = grad_out.reshape({-1, grad_out.size(-1)});
   auto shape = grad_out.sizes().vec();
@@ -32,8 +34,7 @@ at::Tensor rows(const at::Tensor& t) {
 
 at::Tensor bias_dropout_add_forward_cuda(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual,
                                          double p, const std::optional<at::Tensor>& seed) {
-  check_bias_dropout_add(x, bias, residual, p);
-  c10::cuda::CUDAGuard guard(x.device());
+  check_bias_dropout_add(x, bias, residual, p);  // dropout_apply guards the device and checks the seed
   const auto x2 = rows(x);
   auto y = at::empty_like(x2, at::MemoryFormat::Contiguous);
   cuda::dropout_apply(x2, y, seed, p, /*accumulate=*/false, bias.contiguous(), rows(residual));
@@ -43,7 +44,6 @@ at::Tensor bias_dropout_add_forward_cuda(const at::Tensor& x, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> bias_dropout_add_backward_cuda(const at::Tensor& grad_out, double p,
                                                                   const std::optional<at::Tensor>& seed,
                                                                   std::array<bool, 2> output_mask) {
-  c10::cuda::CUDAGuard guard(grad_out.device());
   const auto dy = rows(grad_out);
   auto dx = at::empty_like(dy, at::MemoryFormat::Contiguous);
   cuda::dropout_apply(dy, dx, seed, p, /*accumulate=*/false);

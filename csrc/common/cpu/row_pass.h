@@ -78,7 +78,9 @@ void rows_reducing(int64_t N, int64_t K, int64_t width, acc_t* sums, const RowFn
   }
 }
 
-// Rows of a 2-D matrix with unit column stride (a copy only when the view has none).
-inline at::Tensor unit_column_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+// Rows of a 2-D matrix with unit column stride, or one column (a copy only when the view has neither).
+inline at::Tensor unit_column_stride(const at::Tensor& t) {
+  return t.stride(1) == 1 || t.size(1) <= 1 ? t : t.contiguous();
+}
 
 }  // namespace peftops::cpu

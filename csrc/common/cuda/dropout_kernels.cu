@@ -10,7 +10,7 @@
 
 #include <algorithm>
 
-#include "../philox.h"
+#include "../dropout.h"
 #include "dropout_kernels.h"
 
 namespace peftops::cuda {
@@ -81,7 +81,10 @@ at::Tensor dropout_keep_mask_cuda(c10::IntArrayRef size, double p, const at::Ten
 
 void dropout_apply(const at::Tensor& src, at::Tensor& dst, const std::optional<at::Tensor>& seed, double p,
                    bool accumulate, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK(src.dim() == 2 && dst.sizes() == src.sizes() && src.stride(1) == 1 && dst.stride(1) == 1,
+  // CPU data reaches this CUDA kernel when only the seed is on the GPU: the dispatcher follows the seed.
+  TORCH_CHECK_VALUE(src.is_cuda() && dst.device() == src.device(), "dropout: the input is on ", src.device(),
+                    " but the seed is on CUDA: put them on one device");
+  TORCH_CHECK(src.dim() == 2 && dst.sizes() == src.sizes() && unit_columns(src) && unit_columns(dst),
               "dropout_apply: expects two 2-D matrices of one shape with unit column stride");
   TORCH_CHECK(src.scalar_type() == dst.scalar_type(), "dropout_apply: src and dst dtypes differ");
   const bool masked = p > 0.0 && seed.has_value() && seed->defined();
@@ -89,7 +92,7 @@ void dropout_apply(const at::Tensor& src, at::Tensor& dst, const std::optional<a
               "dropout_apply: seed must be one int64 on the input's device");
   const bool has_bias = bias.has_value() && bias->defined(), has_res = residual.has_value() && residual->defined();
   TORCH_CHECK(!has_bias || (bias->is_contiguous() && bias->numel() == src.size(1)), "dropout_apply: bad bias");
-  TORCH_CHECK(!has_res || (residual->sizes() == src.sizes() && residual->stride(1) == 1), "dropout_apply: bad residual");
+  TORCH_CHECK(!has_res || (residual->sizes() == src.sizes() && unit_columns(*residual)), "dropout_apply: bad residual");
   if (src.numel() == 0) return;
   c10::cuda::CUDAGuard guard(src.device());
   const auto seed_c = masked ? seed->contiguous() : at::Tensor();

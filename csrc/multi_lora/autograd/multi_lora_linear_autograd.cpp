@@ -48,7 +48,7 @@ class MultiLoraLinearFunction : public torch::autograd::Function<MultiLoraLinear
       // only when the scales train)
       const auto db_unit = std::get<2>(op.call(dy, s[0], s[1], s[2], s[3], at::ones_like(s[4]), s[5], s[6],
                                                {false, false, true, false}));
-      dscales = db_unit.mul(s[3]).sum({1, 2}, false, at::kDouble).to(s[4].scalar_type());
+      dscales = db_unit.mul(s[3]).sum({1, 2}, false, at::kDouble).to(s[4].device(), s[4].scalar_type());  // may be CPU
     }
     const auto pick = [](bool need, const at::Tensor& g) { return need ? g : at::Tensor(); };
     return {pick(mask[0], dx), at::Tensor(), pick(mask[3], dbias), pick(mask[1], da), pick(mask[2], db), dscales,
