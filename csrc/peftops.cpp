@@ -31,9 +31,10 @@ static std::string build_info() {
 TORCH_LIBRARY(peftops, m) { m.def("_build_info() -> str", &build_info); }
 
 // The backward ops are differentiable once: a second derivative through one (create_graph=True, gradgradcheck)
-// raises "derivative for peftops::..._backward is not implemented" instead of silently coming out as zero.
+// raises "derivative for peftops::..._backward is not implemented" instead of silently coming out as zero. So does
+// the internal dropout op, whose callers differentiate through it themselves.
 TORCH_LIBRARY_IMPL(peftops, Autograd, m) {
-  for (const char* op : {"lora_linear_backward", "dora_linear_backward", "multi_lora_linear_backward",
+  for (const char* op : {"dropout", "lora_linear_backward", "dora_linear_backward", "multi_lora_linear_backward",
                          "adapter_bottleneck_backward", "bottleneck_activation_backward", "bias_linear_backward",
                          "bias_dropout_add_backward", "ia3_linear_backward", "ia3_glu_linear_backward",
                          "prefix_attention_backward"}) {

@@ -168,6 +168,28 @@ def test_gpt2_blocks_fuse_their_residual_adds_and_unpatch_restores_them():
     assert torch.equal(output(model, ids), before)
 
 
+def test_a_gpt2_shared_by_threads_gives_each_its_own_output():
+    # a sublayer hands its residual to its output dropout through the module: threads take turns there
+    import threading
+    model = peftops.patch(TINY["gpt2"](), BitFitConfig()).eval()
+    inputs = [torch.randint(64, (2, 48), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with torch.no_grad():
+        serial = [output(model, ids) for ids in inputs]
+    results = {i: [] for i in range(4)}
+
+    def serve(i):
+        for _ in range(6):
+            with torch.no_grad():
+                results[i].append(output(model, inputs[i]))
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(len(results[i]) == 6 and all(torch.equal(y, serial[i]) for y in results[i]) for i in range(4))
+
+
 def test_pretrained_minilm_matches_in_eval_mode():
     ours, ref = pair(minilm)
     ids = input_ids(vocab=ours.config.vocab_size, batch=2, seq=12)

@@ -56,6 +56,21 @@ def test_blocks_have_no_graph_breaks(technique):
 
 
 @pytest.mark.parametrize("technique", TECHNIQUES)
+def test_a_compiled_model_takes_new_lengths_without_recompiling_each(technique):
+    # a training loop over varying sequence lengths: dynamo specialises the first length, then makes it symbolic;
+    # an op that pinned sizes would recompile per length and hit fullgraph's recompile limit
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    dropout = OPS[technique][0]
+    model, counter = patched_llama(dropout, technique), CompileCounter()
+    step = torch.compile(lambda ids: lm_loss(model, ids), fullgraph=True, backend=counter)
+    for length in (3, 5, 6, 8):
+        step(batches()[0][:, :length]).backward()
+    assert counter.frame_count <= 2, counter.frame_count
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("technique", TECHNIQUES)
 @torch._inductor.config.patch(fallback_random=True)  # not monkeypatch: its undo deletes the option from the module
 def test_compiled_blocks_match_eager(technique):
     """Inductor, fullgraph per block. `fallback_random` makes inductor draw random numbers through torch's

@@ -141,6 +141,46 @@ def test_multi_lora_linear_compiles_with_dynamic_shapes():
         torch.testing.assert_close(f(x, w, None, a, b, s, idx), ops.multi_lora_linear(x, w, None, a, b, s, idx))
 
 
+_DW, _DB, _DA, _DBB = torch.randn(6, 8), torch.randn(6), torch.randn(2, 8), torch.randn(6, 2)
+_DYNAMIC_CASES = {
+    "lora_linear": lambda x: ops.lora_linear(x, _DW, _DB, _DA, _DBB, 0.5, 0.1),
+    "dora_linear": lambda x: ops.dora_linear(x, _DW, _DB, _DA, _DBB, torch.ones(6), 0.5),
+    "multi_lora_linear": lambda x: ops.multi_lora_linear(x, _DW, _DB, _DA[None], _DBB[None], torch.ones(1),
+                                                         torch.zeros(x.shape[:-1].numel(), dtype=torch.long)),
+    "ia3_linear": lambda x: ops.ia3_linear(x, _DW, _DB, torch.ones(6)),
+    "ia3_glu_linear": lambda x: ops.ia3_glu_linear(x, x, _DW, _DB, torch.ones(8)),
+    "adapter_bottleneck": lambda x: ops.adapter_bottleneck(x, _DA, None, _DA.T, None),
+    "bias_linear": lambda x: ops.bias_linear(x, _DW, _DB),
+    "bias_dropout_add": lambda x: ops.bias_dropout_add(x, torch.ones(8), x, 0.1),
+    "prefix_attention": lambda x: ops.prefix_attention(*(x.view(2, 1, -1, 8),) * 3, *(_DA.view(1, 2, 8),) * 2,
+                                                       is_causal=True),
+}
+
+
+def test_the_internal_dropout_ops_trace_and_refuse_a_gradient_they_cannot_give():
+    seed = torch.tensor(3)
+    torch.library.opcheck(torch.ops.peftops.dropout_keep_mask.default, ([3, 5], 0.5, seed))
+    f = torch.compile(lambda s: torch.ops.peftops.dropout_keep_mask([3, 5], 0.5, s), fullgraph=True, backend="eager")
+    assert torch.equal(f(seed), torch.ops.peftops.dropout_keep_mask([3, 5], 0.5, seed))
+    x = torch.randn(3, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not implemented"):  # rather than x.grad silently None
+        torch.ops.peftops.dropout(x, 0.5, seed).sum().backward()
+
+
+@pytest.mark.parametrize("name", _DYNAMIC_CASES)
+def test_ops_keep_dynamic_shapes_symbolic(name):
+    # one graph for every sequence length (as F.linear and SDPA): an op that reads a concrete size pins it, and a
+    # training loop over varying lengths recompiles until fullgraph=True fails at dynamo's recompile limit
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    f = torch.compile(_DYNAMIC_CASES[name], fullgraph=True, dynamic=True, backend=counter)
+    for length in (3, 5, 7):
+        x = torch.randn(2, length, 8, requires_grad=True)
+        f(x).sum().backward()
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif("cuda" not in _extension.COMPILED, reason="built without CUDA kernels")
 def test_the_device_check_traces_for_cuda():
     # the ops ask whether CUDA kernels were built; under torch.compile that must not call an op returning a string

@@ -15,7 +15,7 @@ namespace peftops::bitfit {
 void check_bias_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "bias_linear: x must have shape [..., in_features], got a 0-d tensor");
   check_weight(weight, "bias_linear");
-  TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), "bias_linear: x has ", x.size(-1),
+  TORCH_CHECK_VALUE(x.sym_size(-1) == weight.size(1), "bias_linear: x has ", x.sym_size(-1),
                     " input features but weight expects ", weight.size(1));
   TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == weight.size(0), "bias_linear: bias must be [", weight.size(0),
                     "], got shape ", bias.sizes());
@@ -27,10 +27,12 @@ void check_bias_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 void check_bias_dropout_add(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual, double p,
                             bool training) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "bias_dropout_add: x must have shape [..., features], got a 0-d tensor");
-  TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == x.size(-1), "bias_dropout_add: bias must be [", x.size(-1),
+  TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == x.sym_size(-1), "bias_dropout_add: bias must be [",
+                    x.sym_size(-1),
                     "], got shape ", bias.sizes());
-  TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "bias_dropout_add: residual must have x's shape ", x.sizes(),
-                    ", got ", residual.sizes());
+  TORCH_CHECK_VALUE(residual.sym_sizes() == x.sym_sizes(), "bias_dropout_add: residual must have x's shape ",
+                    x.sym_sizes(),
+                    ", got ", residual.sym_sizes());
   check_float(x, "bias_dropout_add", "x");
   check_like(bias, x, "bias_dropout_add", "bias", "x");
   check_like(residual, x, "bias_dropout_add", "residual", "x");
@@ -40,9 +42,9 @@ void check_bias_dropout_add(const at::Tensor& x, const at::Tensor& bias, const a
 // The forward of bias_linear is one GEMM with the bias in its epilogue on every device.
 static at::Tensor bias_linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   check_bias_linear(x, weight, bias);
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = weight.size(0);
-  return at::addmm(bias, x.reshape({-1, x.size(-1)}), weight.t()).view(out_shape);
+  auto out_shape = x.sym_sizes().vec();  // sym_: traced shapes stay symbolic
+  out_shape.back() = weight.sym_size(0);
+  return at::addmm(bias, x.reshape_symint({-1, x.sym_size(-1)}), weight.t()).view_symint(out_shape);
 }
 
 static at::Tensor bias_dropout_add(const at::Tensor& x, const at::Tensor& bias, const at::Tensor& residual, double p,

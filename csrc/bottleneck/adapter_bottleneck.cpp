@@ -44,22 +44,23 @@ int64_t activation_code(c10::string_view name) {
 
 void check_inputs(const Tensor& h, const Tensor& w_down, const OptTensor& b_down, const Tensor& w_up,
                   const OptTensor& b_up, const OptTensor& residual) {
-  TORCH_CHECK_VALUE(h.dim() >= 1 && h.size(-1) >= 1, "adapter_bottleneck: h must have shape [..., d] with d >= 1, got ",
-                    h.sizes());
-  TORCH_CHECK_VALUE(w_down.dim() == 2 && w_down.size(1) == h.size(-1), "adapter_bottleneck: w_down must be [m, ",
-                    h.size(-1), "], got shape ", w_down.sizes());
+  TORCH_CHECK_VALUE(h.dim() >= 1 && h.sym_size(-1) >= 1,
+                    "adapter_bottleneck: h must have shape [..., d] with d >= 1, got ", h.sym_sizes());
+  TORCH_CHECK_VALUE(w_down.dim() == 2 && w_down.size(1) == h.sym_size(-1), "adapter_bottleneck: w_down must be [m, ",
+                    h.sym_size(-1), "], got shape ", w_down.sizes());
   const auto m = w_down.size(0);
   TORCH_CHECK_VALUE(m >= 1, "adapter_bottleneck: the bottleneck size m must be >= 1");
   TORCH_CHECK_VALUE(w_up.dim() == 2 && w_up.size(0) >= 1 && w_up.size(1) == m, "adapter_bottleneck: w_up must be [d_out, ", m,
                     "], got shape ", w_up.sizes());
   const auto d_out = w_up.size(0);
   if (has(residual)) {
-    TORCH_CHECK_VALUE(residual->dim() == h.dim() && residual->size(-1) == d_out &&
-                          residual->sizes().slice(0, h.dim() - 1) == h.sizes().slice(0, h.dim() - 1),
-                      "adapter_bottleneck: residual must be h's shape with ", d_out, " features, got ", residual->sizes());
+    TORCH_CHECK_VALUE(residual->dim() == h.dim() && residual->sym_size(-1) == d_out &&
+                          residual->sym_sizes().slice(0, h.dim() - 1) == h.sym_sizes().slice(0, h.dim() - 1),
+                      "adapter_bottleneck: residual must be h's shape with ", d_out, " features, got ",
+                      residual->sym_sizes());
   } else {
-    TORCH_CHECK_VALUE(d_out == h.size(-1), "adapter_bottleneck: w_up maps to ", d_out, " features but the default "
-                      "residual h has ", h.size(-1), "; pass residual= of that width");
+    TORCH_CHECK_VALUE(d_out == h.sym_size(-1), "adapter_bottleneck: w_up maps to ", d_out, " features but the default "
+                      "residual h has ", h.sym_size(-1), "; pass residual= of that width");
   }
   TORCH_CHECK_VALUE(!has(b_down) || (b_down->dim() == 1 && b_down->size(0) == m), "adapter_bottleneck: b_down must be [",
                     m, "]");

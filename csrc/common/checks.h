@@ -1,6 +1,7 @@
 #pragma once
 // Argument checks every op family shares: a clear Python exception (TypeError for a dtype, ValueError otherwise)
-// naming the op and the argument, never a crash.
+// naming the op and the argument, never a crash. The public ops' checks read an activation's sizes as sym_sizes: under
+// torch.compile a concrete size() pins every dimension of the traced tensor (a graph per sequence length).
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 

@@ -26,7 +26,8 @@ using OptTensor = std::optional<at::Tensor>;
 void check_glu_inputs(const Tensor& a, const Tensor& b, const Tensor& weight, const OptTensor& bias,
                       const Tensor& scale) {
   check_inputs(a, weight, bias, scale, /*feedforward=*/true, "ia3_glu_linear", "gate");
-  TORCH_CHECK_VALUE(b.sizes() == a.sizes(), "ia3_glu_linear: up has shape ", b.sizes(), " but gate has ", a.sizes());
+  TORCH_CHECK_VALUE(b.sym_sizes() == a.sym_sizes(), "ia3_glu_linear: up has shape ", b.sym_sizes(), " but gate has ",
+                    a.sym_sizes());
   check_like(b, a, "ia3_glu_linear", "up", "gate");
 }
 

@@ -13,7 +13,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": ", x_name, " must have shape [..., in_features], got a 0-d tensor");
   check_weight(weight, op);
   const auto in = weight.size(1), out = weight.size(0);
-  TORCH_CHECK_VALUE(x.size(-1) == in, op, ": ", x_name, " has ", x.size(-1), " input features but weight expects ",
+  TORCH_CHECK_VALUE(x.sym_size(-1) == in, op, ": ", x_name, " has ", x.sym_size(-1),
+                    " input features but weight expects ",
                     in);
   const auto want = feedforward ? in : out;
   TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) == want, op, ": ia3_scale must have ", want, " elements (",

@@ -20,7 +20,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
   TORCH_CHECK_VALUE(lora_a.dim() == 2, op, ": lora_a must be 2-D [r, in], got shape ", lora_a.sizes());
   TORCH_CHECK_VALUE(lora_b.dim() == 2, op, ": lora_b must be 2-D [out, r], got shape ", lora_b.sizes());
   const auto in = weight.size(1), out = weight.size(0), r = lora_a.size(0);
-  TORCH_CHECK_VALUE(x.size(-1) == in, op, ": x has ", x.size(-1), " input features but weight expects ", in);
+  TORCH_CHECK_VALUE(x.sym_size(-1) == in, op, ": x has ", x.sym_size(-1), " input features but weight expects ", in);
   TORCH_CHECK_VALUE(r >= 1, op, ": lora_a must have rank r >= 1, got shape ", lora_a.sizes());
   TORCH_CHECK_VALUE(lora_a.size(1) == in, op, ": lora_a must be [r, ", in, "], got shape ", lora_a.sizes());
   TORCH_CHECK_VALUE(lora_b.size(0) == out && lora_b.size(1) == r, op, ": lora_b must be [", out, ", ", r,

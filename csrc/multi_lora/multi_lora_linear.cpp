@@ -17,7 +17,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
   TORCH_CHECK_VALUE(x.dim() >= 1, "multi_lora_linear: x must have shape [..., in_features], got a 0-d tensor");
   check_weight(weight, "multi_lora_linear");
   const auto in = weight.size(1), out = weight.size(0);
-  TORCH_CHECK_VALUE(x.size(-1) == in, "multi_lora_linear: x has ", x.size(-1), " input features but weight expects ", in);
+  TORCH_CHECK_VALUE(x.sym_size(-1) == in, "multi_lora_linear: x has ", x.sym_size(-1),
+                    " input features but weight expects ", in);
   TORCH_CHECK_VALUE(lora_a.dim() == 3 && lora_a.size(2) == in && lora_a.size(1) >= 1,
                     "multi_lora_linear: lora_a must be [n, r, ", in, "] with r >= 1, got shape ", lora_a.sizes());
   const auto n = lora_a.size(0), r = lora_a.size(1);

@@ -47,24 +47,25 @@ bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk, const Tensor& pv,
                   const OptTensor& attn_mask, std::optional<double> scale) {
-  TORCH_CHECK_VALUE(q.dim() == 4, "prefix_attention: q must be [B, Hq, L, D], got shape ", q.sizes());
-  const auto B = q.size(0), Hq = q.size(1), D = q.size(3);
-  TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == B && k.size(3) == D, "prefix_attention: k must be [", B,
-                    ", Hkv, S, ", D, "], got shape ", k.sizes());
-  const auto Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "prefix_attention: v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK_VALUE(q.dim() == 4, "prefix_attention: q must be [B, Hq, L, D], got shape ", q.sym_sizes());
+  const auto B = q.sym_size(0), Hq = q.sym_size(1), D = q.sym_size(3);
+  TORCH_CHECK_VALUE(k.dim() == 4 && k.sym_size(0) == B && k.sym_size(3) == D, "prefix_attention: k must be [", B,
+                    ", Hkv, S, ", D, "], got shape ", k.sym_sizes());
+  const auto Hkv = k.sym_size(1), S = k.sym_size(2);
+  TORCH_CHECK_VALUE(v.sym_sizes() == k.sym_sizes(), "prefix_attention: v must have k's shape ", k.sym_sizes(), ", got ",
+                    v.sym_sizes());
   TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "prefix_attention: q's ", Hq, " heads must be a multiple of k's ", Hkv);
   TORCH_CHECK_VALUE(D >= 1 && D <= 256, "prefix_attention: head dim D must be in [1, 256], got ", D);
-  TORCH_CHECK_VALUE((pk.dim() == 3 || (pk.dim() == 4 && pk.size(0) == B)) && pk.size(-3) == Hkv && pk.size(-1) == D &&
-                        pk.size(-2) >= 1,
+  TORCH_CHECK_VALUE((pk.dim() == 3 || (pk.dim() == 4 && pk.sym_size(0) == B)) && pk.sym_size(-3) == Hkv &&
+                        pk.sym_size(-1) == D && pk.sym_size(-2) >= 1,
                     "prefix_attention: prefix_k must be [", Hkv, ", P, ", D, "] or [", B, ", ", Hkv, ", P, ", D,
-                    "] with P >= 1, got shape ", pk.sizes());
-  TORCH_CHECK_VALUE(pv.sizes() == pk.sizes(), "prefix_attention: prefix_v must have prefix_k's shape ", pk.sizes(),
-                    ", got ", pv.sizes());
+                    "] with P >= 1, got shape ", pk.sym_sizes());
+  TORCH_CHECK_VALUE(pv.sym_sizes() == pk.sym_sizes(), "prefix_attention: prefix_v must have prefix_k's shape ",
+                    pk.sym_sizes(), ", got ", pv.sym_sizes());
   if (has(attn_mask)) {
-    TORCH_CHECK_VALUE(attn_mask->dim() == 2 && attn_mask->size(0) == B && attn_mask->size(1) == S,
+    TORCH_CHECK_VALUE(attn_mask->dim() == 2 && attn_mask->sym_size(0) == B && attn_mask->sym_size(1) == S,
                       "prefix_attention: attn_mask must be [", B, ", ", S, "] (True = attend), got shape ",
-                      attn_mask->sizes());
+                      attn_mask->sym_sizes());
     TORCH_CHECK_TYPE(attn_mask->scalar_type() == at::kBool, "prefix_attention: attn_mask must be bool, got ",
                      attn_mask->scalar_type());
     TORCH_CHECK_VALUE(attn_mask->device() == q.device(), "prefix_attention: attn_mask is on ", attn_mask->device(),

@@ -1,4 +1,6 @@
 """Bottleneck adapter op: the public functional entry point and the fake kernels."""
+import math
+
 import torch
 
 from .. import _extension
@@ -35,7 +37,7 @@ if _extension.LOADED:
     @torch.library.register_fake("peftops::adapter_bottleneck_forward")
     def _forward_fake(h, w_down, b_down, w_up, b_up, activation, scale, residual, save_output):
         return (h.new_empty((*h.shape[:-1], w_up.shape[0])),
-                h.new_empty((h.shape[:-1].numel(), w_down.shape[0])))
+                h.new_empty((math.prod(h.shape[:-1]), w_down.shape[0])))
 
     @torch.library.register_fake("peftops::adapter_bottleneck_backward")
     def _backward_fake(grad_out, h, a, w_down, w_up, activation, scale, residual_is_h, has_b_up, output_mask):

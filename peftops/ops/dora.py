@@ -1,4 +1,6 @@
 """DoRA (peft's definition) and the shared dropout op: public entry points and fake kernels."""
+import math
+
 import torch
 
 from .. import _extension
@@ -27,16 +29,20 @@ def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p=0.0
 
 if _extension.LOADED:
 
-    @torch.library.register_fake("peftops::dropout")
+    @torch.library.register_fake("peftops::dropout")  # the shared Philox dropout (DoRA's dropped input)
     def _dropout_fake(x, p, seed):
         return x.new_empty(x.shape)
+
+    @torch.library.register_fake("peftops::dropout_keep_mask")
+    def _dropout_keep_mask_fake(size, p, seed, offset=0):
+        return seed.new_empty(size, dtype=torch.bool)
 
     @torch.library.register_fake("peftops::dora_linear_forward")
     def _dora_linear_forward_fake(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         out_shape = (*x.shape[:-1], weight.shape[0])
         return (x.new_empty(out_shape), x.new_empty(out_shape),
-                x.new_empty((x.shape[:-1].numel(), lora_a.shape[0]), dtype=acc),
+                x.new_empty((math.prod(x.shape[:-1]), lora_a.shape[0]), dtype=acc),
                 weight.new_empty((weight.shape[0],), dtype=acc))
 
     @torch.library.register_fake("peftops::dora_linear_backward")

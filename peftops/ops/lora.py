@@ -1,4 +1,6 @@
 """LoRA ops: the public functional entry point and the fake (meta) kernels of the registered ops."""
+import math
+
 import torch
 
 from .. import _extension
@@ -28,7 +30,7 @@ if _extension.LOADED:
     @torch.library.register_fake("peftops::lora_linear_forward")
     def _lora_linear_forward_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
         torch._check(x.shape[-1] == weight.shape[1], lambda: "lora_linear: x and weight disagree on in_features")
-        rows = x.shape[:-1].numel()
+        rows = math.prod(x.shape[:-1])
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         return (x.new_empty((*x.shape[:-1], weight.shape[0])),
                 x.new_empty((rows, lora_a.shape[0]), dtype=acc))

@@ -1,4 +1,6 @@
 """Many LoRA adapters in one batch: the public functional entry point and the fake kernels."""
+import math
+
 import torch
 
 from .. import _extension
@@ -21,7 +23,7 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, scales, adapter_index):
     # the kernels' index checks, which the fallback's reference needs too: it would skip an index it has no adapter for
     if adapter_index.dtype != torch.int64:
         raise TypeError(f"multi_lora_linear: adapter_index must be int64, got {adapter_index.dtype}")
-    tokens = x.shape[:-1].numel()
+    tokens = math.prod(x.shape[:-1])
     if adapter_index.shape != (tokens,):
         raise ValueError(f"multi_lora_linear: adapter_index must be [{tokens}] (one entry per token row of x), got "
                          f"shape {tuple(adapter_index.shape)}")
@@ -39,7 +41,7 @@ if _extension.LOADED:
     def _multi_lora_linear_forward_fake(x, weight, bias, lora_a, lora_b, scales, adapter_index):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         return (x.new_empty((*x.shape[:-1], weight.shape[0])),
-                x.new_empty((x.shape[:-1].numel(), lora_a.shape[1]), dtype=acc))
+                x.new_empty((math.prod(x.shape[:-1]), lora_a.shape[1]), dtype=acc))
 
     @torch.library.register_fake("peftops::multi_lora_linear_backward")
     def _multi_lora_linear_backward_fake(grad_out, x, weight, lora_a, lora_b, scales, adapter_index, t, output_mask):

@@ -13,8 +13,10 @@ dict keys are the model's own and unpatch restores the instance's previous forwa
 - Every other nn.Linear / transformers Conv1D with a bias runs `bias_linear` (keeps no activation).
 A call the ops cannot compute exactly (trainable weight, dtype mismatch, extra arguments) runs the original forward."""
 import inspect
+import threading
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -69,8 +71,20 @@ def _block_dropout_forward(self, h):
     return ops.bias_dropout_add(h, self.__dict__[_PAIR].bias, residual, self.p, training=self.training)
 
 
+# Threads that share one model take turns through a sublayer, whose residual waits on a module attribute. (A traced
+# forward needs no turn: there the residual is a value of the graph.)
+_HANDOFF = threading.RLock()
+
+
 def _sublayer(block_part, residual, dropout, *args, **kwargs):
     """Runs a GPT-2 sublayer with its residual handed to its output dropout: the result already holds the residual."""
+    if torch.compiler.is_compiling():
+        return _handed_over(block_part, residual, dropout, *args, **kwargs)
+    with _HANDOFF:
+        return _handed_over(block_part, residual, dropout, *args, **kwargs)
+
+
+def _handed_over(block_part, residual, dropout, *args, **kwargs):
     setattr(dropout, _RESIDUAL, residual)
     try:
         return block_part(*args, **kwargs)
