@@ -9,7 +9,7 @@ import torch
 import peftops
 
 from lora_training import TECHNIQUES, _config, batches, lm_loss, patched_llama
-from tiny_models import tiny_llama
+from tiny_models import tiny_bert, tiny_llama
 
 # technique -> (dropout, our op's name, how many calls of it one decoder block makes)
 OPS = {"lora": (0.1, "lora_linear", 7), "dora": (0.0, "dora_linear", 7),
@@ -68,6 +68,17 @@ def test_a_compiled_model_takes_new_lengths_without_recompiling_each(technique):
         step(batches()[0][:, :length]).backward()
     assert counter.frame_count <= 2, counter.frame_count
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("config", [peftops.LoraConfig(r=4, alpha=8), peftops.BitFitConfig(), peftops.IA3Config()],
+                         ids=["lora", "bitfit", "ia3"])
+def test_a_patched_model_exports_with_a_dynamic_sequence_length(config):
+    model = peftops.patch(tiny_bert(), config).eval()
+    seq = torch.export.Dim("seq", min=2, max=64)
+    program = torch.export.export(model, (), {"input_ids": torch.randint(64, (2, 6))},
+                                  dynamic_shapes={"input_ids": {1: seq}})
+    ids = torch.randint(64, (2, 11))
+    torch.testing.assert_close(program.module()(input_ids=ids)[0], model(input_ids=ids)[0])
 
 
 @pytest.mark.parametrize("technique", TECHNIQUES)
