@@ -377,3 +377,32 @@ def test_the_projected_adapter_runs_on_the_meta_device():
     adapter = BottleneckAdapter(8, 4).to("meta")
     x, w = torch.empty(2, 3, 6, device="meta"), torch.empty(8, 6, device="meta")
     assert adapter.projected(x, w, None).shape == (2, 3, 8)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_parallel_adapter_serves_threads_and_survives_export(family):
+    # the pre-LN norm hands its input to the MLP's adapter: a slot per thread, read through the norm itself
+    import threading
+    model = peftops.patch(BUILDERS[family](), AdapterConfig(bottleneck=8, placement="parallel"))
+    randomize(model)
+    model.eval()
+    inputs = [torch.randint(64, (2, 24), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with torch.no_grad():
+        serial = [output(model, ids) for ids in inputs]
+    results = {i: [] for i in range(4)}
+
+    def serve(i):
+        for _ in range(5):
+            with torch.no_grad():
+                results[i].append(output(model, inputs[i]))
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(len(results[i]) == 5 and all(torch.equal(y, serial[i]) for y in results[i]) for i in range(4))
+    program = torch.export.export(model, (), {"input_ids": inputs[0], "use_cache": False})
+    assert_close(program.module()(input_ids=inputs[0], use_cache=False).logits, serial[0], 1e-5, "exported")
+    with torch.no_grad():
+        assert torch.equal(output(model, inputs[1]), serial[1])  # the model itself still runs after the export

@@ -14,6 +14,7 @@ s the sublayer output h plus the model's residual r:
     BERT  `BertOutput` (r is its residual): LN(s + A(r))    pre-LN MLP: mlp(LN(r)) + A(r), r the un-normed stream,
   which the feed-forward norm hands on to the MLP (`_hand_on_input`), as AdapterHub reads it.
 Every form is one `adapter_bottleneck` call whose residual is the tensor the model adds anyway."""
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,11 @@ from .adapter import STATE_ATTR, check_unpatched, freeze, restore_flags
 from .forwards import call_original, is_replaced, replace_forward, restore_forward
 
 CHILD = "bottleneck_adapter"
-STREAM = "_peftops_stream"  # a one-slot list a pre-LN layer's feed-forward norm and MLP share (parallel placement)
+# Parallel placement on a pre-LN layer: the feed-forward norm keeps its input in its STREAM (a dict: a slot per thread,
+# as threads may share a model; one slot while tracing) for the MLP, which finds that norm through NORM (a plain
+# attribute, not a submodule). The MLP reads the norm's attribute itself, so a copy of it (torch.export makes one) is
+# still the one the norm writes.
+STREAM, NORM = "_peftops_stream", "_peftops_norm"
 
 
 @dataclass
@@ -67,16 +72,22 @@ def _projected_forward(self, x):
     return getattr(self, CHILD).projected(x, self.weight, self.bias)
 
 
+def _slot():
+    return 0 if torch.compiler.is_compiling() else threading.get_ident()
+
+
 def _hand_on_input(self, x, *args, **kwargs):
     """A pre-LN layer's feed-forward norm: its input r goes on to the MLP's parallel adapter."""
-    getattr(self, STREAM)[0] = x
+    getattr(self, STREAM)[_slot()] = x
     return call_original(self, x, *args, **kwargs)
 
 
 def _parallel_forward(self, x, *args, **kwargs):
     """mlp(LN(r)) + A(r), r as the norm handed it on (taken, so no activation outlives the layer's forward)."""
-    stream = getattr(self, STREAM)
-    r, stream[0] = stream[0], None
+    stream = getattr(self.__dict__[NORM], STREAM)
+    r = stream.pop(_slot(), None)
+    if r is None and not torch.compiler.is_compiling():
+        r = stream.pop(0, None)  # the norm ran in a traced graph, this MLP after a graph break
     if r is None:
         raise RuntimeError("parallel bottleneck adapter: the MLP ran without its layer's feed-forward norm before it")
     out = call_original(self, x, *args, **kwargs)
@@ -166,7 +177,7 @@ def patch_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str) ->
     plan = _plan(model, config.placement)  # validated before the model is touched
     hidden = _hidden_size(model)
     flags = freeze(model)
-    streams, holders, relays = {}, [], []
+    norms, holders, relays = {}, [], []
     for name, forward, layer in plan:
         module = model.get_submodule(name)
         if forward is not _hand_on_input:
@@ -175,8 +186,11 @@ def patch_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str) ->
                                                        save_output=forward is _layer_forward,
                                                        dtype=adapter_dtype(ref.dtype), device=ref.device))
             holders.append(name)
-        if forward in (_hand_on_input, _parallel_forward):
-            setattr(module, STREAM, streams.setdefault(layer, [None]))
+        if forward is _hand_on_input:
+            setattr(module, STREAM, {})
+            norms[layer] = module
+        if forward is _parallel_forward:
+            module.__dict__[NORM] = norms[layer]  # (the plan lists a layer's norm before its MLP)
         if forward is _post_forward and _ends_in_plain_projection(module):
             # the attention keeps its adapter (and its state-dict keys); its o_proj runs it
             module.o_proj.__dict__[CHILD] = getattr(module, CHILD)
@@ -193,7 +207,7 @@ def unpatch_adapter(model: nn.Module) -> nn.Module:
     state = model.__dict__.pop(STATE_ATTR)
     for name in state.layer_names + state.relay_names:
         module = model.get_submodule(name)
-        for attr in (CHILD, STREAM):
+        for attr in (CHILD, STREAM, NORM):
             if attr in module.__dict__ or attr in module._modules:
                 delattr(module, attr)
         if is_replaced(module):  # (an attention whose o_proj runs its adapter keeps its own forward)
