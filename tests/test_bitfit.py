@@ -176,11 +176,12 @@ def test_a_gpt2_shared_by_threads_gives_each_its_own_output():
     with torch.no_grad():
         serial = [output(model, ids) for ids in inputs]
     results = {i: [] for i in range(4)}
+    unfused = {i: {"output_attentions": True} if i % 2 else {} for i in range(4)}  # the block's own forward
 
     def serve(i):
         for _ in range(6):
             with torch.no_grad():
-                results[i].append(output(model, inputs[i]))
+                results[i].append(model(input_ids=inputs[i], **unfused[i]).logits)
 
     threads = [threading.Thread(target=serve, args=(i,)) for i in range(4)]
     for t in threads:
@@ -188,6 +189,19 @@ def test_a_gpt2_shared_by_threads_gives_each_its_own_output():
     for t in threads:
         t.join()
     assert all(len(results[i]) == 6 and all(torch.equal(y, serial[i]) for y in results[i]) for i in range(4))
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_dropout_of_one_trains_as_the_unpatched_model(family):
+    # nn.Dropout(p=1) drops everything; bias_dropout_add does not take p = 1, so those sublayers run unfused
+    build = TINY[family]
+    ref = build()
+    for m in ref.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 1.0
+    ours = peftops.patch(copy.deepcopy(ref), BitFitConfig()).train()
+    ids = input_ids()
+    torch.testing.assert_close(output(ours, ids), output(ref.train(), ids))
 
 
 def test_pretrained_minilm_matches_in_eval_mode():

@@ -150,6 +150,7 @@ _DYNAMIC_CASES = {
     "ia3_linear": lambda x: ops.ia3_linear(x, _DW, _DB, torch.ones(6)),
     "ia3_glu_linear": lambda x: ops.ia3_glu_linear(x, x, _DW, _DB, torch.ones(8)),
     "adapter_bottleneck": lambda x: ops.adapter_bottleneck(x, _DA, None, _DA.T, None),
+    "adapter_bottleneck_save_output": lambda x: ops.adapter_bottleneck(x, _DA, None, _DA.T, None, save_output=True),
     "bias_linear": lambda x: ops.bias_linear(x, _DW, _DB),
     "bias_dropout_add": lambda x: ops.bias_dropout_add(x, torch.ones(8), x, 0.1),
     "prefix_attention": lambda x: ops.prefix_attention(*(x.view(2, 1, -1, 8),) * 3, *(_DA.view(1, 2, 8),) * 2,
@@ -171,13 +172,14 @@ def test_the_internal_dropout_ops_trace_and_refuse_a_gradient_they_cannot_give()
 def test_ops_keep_dynamic_shapes_symbolic(name):
     # one graph for every sequence length (as F.linear and SDPA): an op that reads a concrete size pins it, and a
     # training loop over varying lengths recompiles until fullgraph=True fails at dynamo's recompile limit
-    from torch._dynamo.testing import CompileCounter
-    counter = CompileCounter()
+    # (aot_eager traces the backward too, where the autograd functions read sizes)
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("aot_eager")
     f = torch.compile(_DYNAMIC_CASES[name], fullgraph=True, dynamic=True, backend=counter)
-    for length in (3, 5, 7):
+    for length in (3, 5, 7, 9):
         x = torch.randn(2, length, 8, requires_grad=True)
         f(x).sum().backward()
-    assert counter.frame_count == 1
+    assert counter.frame_count <= 2  # (dynamo may specialise a float argument once; pinned sizes would give 4)
     torch._dynamo.reset()
 
 
@@ -562,13 +564,15 @@ def test_one_column_views_of_any_stride_take_dropout():
     x = torch.randn(1, 5).t()  # [5, 1], strides (1, 5)
     assert x.is_contiguous() and x.stride(1) != 1
     seed = torch.tensor(3)
-    torch.testing.assert_close(torch.ops.peftops.dropout(x, 0.5, seed), torch.ops.peftops.dropout(x.clone(), 0.5, seed))
+    dense = x.clone(memory_format=torch.contiguous_format)
+    assert dense.stride(1) == 1
+    torch.testing.assert_close(torch.ops.peftops.dropout(x, 0.5, seed), torch.ops.peftops.dropout(dense, 0.5, seed))
     w, a, b, m = torch.randn(4, 1), torch.randn(2, 1), torch.randn(4, 2), torch.rand(4) + 0.5
     for op, args in ((ops.dora_linear, (w, None, a, b, m, 0.5)), (ops.lora_linear, (w, None, a, b, 0.5))):
         torch.manual_seed(0)
         out = op(x, *args, dropout_p=0.5, training=True)
         torch.manual_seed(0)
-        torch.testing.assert_close(out, op(x.clone(), *args, dropout_p=0.5, training=True))
+        torch.testing.assert_close(out, op(dense, *args, dropout_p=0.5, training=True))
 
 
 def test_a_scale_beyond_float32_is_named():

@@ -14,6 +14,7 @@
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/mv.h>
 #include <ATen/ops/randint.h>
 #include <ATen/ops/sub.h>
 #include <ATen/ops/sum.h>
@@ -66,12 +67,14 @@ void check_magnitude(const Tensor& weight, const Tensor& magnitude) {
                     " but weight is on ", weight.device());
 }
 
-// The identity's terms may cancel to this fraction of their magnitudes before its rounding shows in the norm.
+// A row's squared norm may fall to this fraction of its bound before the identity's rounding shows in it.
 constexpr double kCancellation = 0.25;
 
-// ||W_i + s (B A)_i|| for every output row i, in the accumulation type. Where the identity's terms cancel (an adapter
-// that nearly undoes its row; rare in training, frequent with random weights and few input features) or overflow to
-// NaN, the row is recomputed from W_i + s (B A)_i itself, as peft forms it.
+// ||W_i + s (B A)_i|| for every output row i, in the accumulation type. The identity's rounding is at most a few ulps of
+// the triangle bound (||W_i|| + |s| sum_k |B_ik| ||A_k||)^2 (its products included): where the norm cancels well below
+// that bound (an adapter that nearly undoes its row, a nearly rank-deficient A; rare in training, frequent with random
+// weights and few input features) or is not finite, the row is recomputed from W_i + s (B A)_i itself, as peft forms
+// it. Finding those rows costs one host sync (CUDA graphs cannot capture the op).
 Tensor column_norms(const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale) {
   const auto acc = at::toOpMathType(weight.scalar_type());
   const auto wa = at::mm(weight, lora_a.t()).to(acc);  // [out, r]
@@ -82,8 +85,10 @@ Tensor column_norms(const Tensor& weight, const Tensor& lora_a, const Tensor& lo
   const auto cross = at::mul(wa, b).sum(1).mul_(scale).mul_(2.0);
   const auto quad = at::mul(at::mm(b, aa), b).sum(1).mul_(scale).mul_(scale);
   auto n2 = at::add(w2, cross).add_(quad);
-  const auto rows = at::nonzero(n2.lt(w2.add(cross.abs()).add_(quad).mul_(kCancellation)).logical_or_(n2.isnan()));
-  if (rows.numel() > 0) {  // finding them costs one host sync; only the rows found are redone
+  const auto a_norms = at::linalg_vector_norm(lora_a, 2, {1}, false, acc);  // [r]
+  const auto bound = at::mv(b.abs(), a_norms).mul_(std::abs(scale)).add_(w2.sqrt()).square_();
+  const auto rows = at::nonzero(n2.lt(bound.mul_(kCancellation)).logical_or_(n2.isfinite().logical_not_()));
+  if (rows.numel() > 0) {
     const auto r = rows.view(-1);
     const auto exact = at::addmm(weight.index_select(0, r).to(acc), lora_b.index_select(0, r).to(acc),
                                  lora_a.to(acc), 1.0, scale);

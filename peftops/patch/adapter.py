@@ -97,18 +97,37 @@ def freeze(model: nn.Module) -> list:
     checkpointing = getattr(model, "is_activation_checkpointing", None)  # 5.x's name; 4.x's warns on 5.x
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    if checkpointing and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
+    embeddings = _input_embeddings(model)
+    if checkpointing and embeddings is not None and not any(
+            getattr(h, "__name__", None) in ("make_inputs_require_grads", _outputs_require_grad.__name__)
+            for h in embeddings._forward_hooks.values()):  # transformers' own may be there already
+        embeddings.register_forward_hook(_outputs_require_grad)
     return flags
+
+
+def _outputs_require_grad(module, inputs, output):
+    """The embeddings' hook of transformers' enable_input_require_grads, as a module-level function (it pickles)."""
+    output.requires_grad_(True)
+
+
+def _input_embeddings(model: nn.Module):
+    try:
+        return model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # no transformers model, or one without token embeddings
+        return None
 
 
 def restore_flags(model: nn.Module, flags: list):
     """After unpatching has put every module back where it was: by name, so that parameters replaced since
     (model.to("meta"), load_state_dict(assign=True)) get their flags back too, else (a module the user replaced or
-    wrapped since) by the parameter itself."""
+    wrapped since) by the parameter itself. freeze's embeddings hook goes too."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, param, flag in flags:
         params.get(name, param).requires_grad_(flag)
+    embeddings = _input_embeddings(model)
+    if embeddings is not None:
+        for key in [k for k, h in embeddings._forward_hooks.items() if h is _outputs_require_grad]:
+            del embeddings._forward_hooks[key]
 
 
 def _insert(model: nn.Module, config, adapter_name: str, layers: dict) -> list:

@@ -44,8 +44,8 @@ def _bias_linear_forward(self, x, *args, **kwargs):
 
 def _output_forward(self, hidden_states, input_tensor, *args, **kwargs):
     dense, drop = self.dense, self.dropout
-    if args or kwargs or dense.weight.requires_grad or not (hidden_states.dtype == input_tensor.dtype ==
-                                                             dense.weight.dtype == dense.bias.dtype):
+    if args or kwargs or dense.weight.requires_grad or (drop.training and drop.p >= 1.0) or not (
+            hidden_states.dtype == input_tensor.dtype == dense.weight.dtype == dense.bias.dtype):
         return call_original(self, hidden_states, input_tensor, *args, **kwargs)
     # The bias is left out of the matmul: bias_dropout_add adds it, so its gradient is reduced in its backward.
     h = ops.bias_dropout_add(F.linear(hidden_states, dense.weight), dense.bias, input_tensor, drop.p,
@@ -53,43 +53,48 @@ def _output_forward(self, hidden_states, input_tensor, *args, **kwargs):
     return self.LayerNorm(h)
 
 
-# GPT-2: the block hands a sublayer's residual to its output dropout through this attribute (None: not fused now);
-# the projection and the dropout of one sublayer know each other through _PAIR.
+# GPT-2: the block hands a sublayer's residual to its output dropout through the dropout's _RESIDUAL, a dict with a
+# slot per thread (threads may share a model; a block's own forward, unfused, finds no residual in its thread's) and
+# one slot while tracing. The projection and the dropout of one sublayer know each other through _PAIR.
 _RESIDUAL, _PAIR, _BLOCK_API = "_peftops_residual", "_peftops_pair", "_peftops_block_api"
 
 
+def _slot():
+    return 0 if torch.compiler.is_compiling() else threading.get_ident()
+
+
+def _handed_residual(dropout):
+    """The residual the running sublayer handed to `dropout`, or None when it runs unfused."""
+    slots = getattr(dropout, _RESIDUAL)
+    residual = slots.get(_slot())
+    if residual is None and not torch.compiler.is_compiling():
+        residual = slots.get(0)  # handed over in a traced graph, read after a graph break
+    return residual
+
+
 def _block_projection_forward(self, x, *args, **kwargs):
-    if getattr(self.__dict__[_PAIR], _RESIDUAL) is None:
+    if _handed_residual(self.__dict__[_PAIR]) is None:
         return _bias_linear_forward(self, x, *args, **kwargs)
     return F.linear(x, base_weight(self))  # the bias goes to bias_dropout_add
 
 
 def _block_dropout_forward(self, h):
-    residual = getattr(self, _RESIDUAL)
+    residual = _handed_residual(self)
     if residual is None:
         return call_original(self, h)
+    if self.training and self.p >= 1.0:  # nn.Dropout's p = 1 (everything dropped), which the op does not take
+        return residual + call_original(self, h + self.__dict__[_PAIR].bias)
     return ops.bias_dropout_add(h, self.__dict__[_PAIR].bias, residual, self.p, training=self.training)
-
-
-# Threads that share one model take turns through a sublayer, whose residual waits on a module attribute. (A traced
-# forward needs no turn: there the residual is a value of the graph.)
-_HANDOFF = threading.RLock()
 
 
 def _sublayer(block_part, residual, dropout, *args, **kwargs):
     """Runs a GPT-2 sublayer with its residual handed to its output dropout: the result already holds the residual."""
-    if torch.compiler.is_compiling():
-        return _handed_over(block_part, residual, dropout, *args, **kwargs)
-    with _HANDOFF:
-        return _handed_over(block_part, residual, dropout, *args, **kwargs)
-
-
-def _handed_over(block_part, residual, dropout, *args, **kwargs):
-    setattr(dropout, _RESIDUAL, residual)
+    slots, slot = getattr(dropout, _RESIDUAL), _slot()
+    slots[slot] = residual
     try:
         return block_part(*args, **kwargs)
     finally:
-        setattr(dropout, _RESIDUAL, None)
+        del slots[slot]
 
 
 def _gpt2_block_forward(self, *args, **kwargs):
@@ -199,7 +204,7 @@ def patch_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> n
         for proj_name, dropout_name in pairs:
             proj, dropout = model.get_submodule(proj_name), model.get_submodule(dropout_name)
             proj.__dict__[_PAIR], dropout.__dict__[_PAIR] = dropout, proj
-            setattr(dropout, _RESIDUAL, None)
+            setattr(dropout, _RESIDUAL, {})
             replace_forward(proj, _block_projection_forward)
             replace_forward(dropout, _block_dropout_forward)
             replaced += [proj_name, dropout_name]

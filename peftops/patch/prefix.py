@@ -329,7 +329,8 @@ def _shift_positions(num_tokens, drop_token_types, module, args, kwargs):
     shifted by P, and absent ones are P + the cache length + 0 .. L-1 (what the model computes with P more cached
     tokens). peft also ignores token type ids, with a warning, for every task but classification and QA."""
     if drop_token_types and kwargs.get("token_type_ids") is not None:
-        warnings.warn("prefix tuning ignores token type ids outside classification models, as peft does")
+        if not torch.compiler.is_compiling():  # (dynamo cannot trace warnings.warn)
+            warnings.warn("prefix tuning ignores token type ids outside classification models, as peft does")
         kwargs["token_type_ids"] = None
     pos = kwargs.get("position_ids")
     if pos is None:

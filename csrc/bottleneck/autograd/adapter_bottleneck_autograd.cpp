@@ -60,9 +60,10 @@ class AdapterBottleneckFunction : public torch::autograd::Function<AdapterBottle
     at::Tensor h = s[0];
     if (ctx->saved_data["recover_h"].toBool()) {  // h = y - s [f(a) | 1] [Wu | bu]^T, in y's dtype, never autocast
       c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-      h = add_update(s[0].reshape({-1, s[0].size(-1)}), s[1], s[3], s[4], ctx->saved_data["activation"].toInt(),
-                     -ctx->saved_data["scale"].toDouble())
-              .view(s[0].sizes());
+      // (sym_: traced by AOT autograd, where a concrete size would pin the shape)
+      h = add_update(s[0].reshape_symint({-1, s[0].sym_size(-1)}), s[1], s[3], s[4],
+                     ctx->saved_data["activation"].toInt(), -ctx->saved_data["scale"].toDouble())
+              .view_symint(s[0].sym_sizes());
     }
     auto [dh, dwd, dbd, dwu, dbu] = op.call(grads[0].contiguous(), h, s[1], s[2], s[3],
                                             ctx->saved_data["activation"].toInt(), ctx->saved_data["scale"].toDouble(),
