@@ -429,6 +429,25 @@ def test_dora_norm_survives_an_adapter_that_nearly_cancels_its_row(in_features, 
     assert lo.isfinite().all()
 
 
+def test_dora_norm_with_a_nearly_rank_one_adapter_and_a_float16_overflow():
+    g = torch.Generator().manual_seed(4)
+    # A nearly rank one (trained factors often are), B rows summing to zero, small W rows: the identity's A A^T term
+    # cancels inside itself, below any comparison of its three terms
+    a = torch.randn(64, generator=g) + 1e-3 * torch.randn(8, 64, generator=g)
+    b = torch.randn(256, 8, generator=g)
+    b -= b.mean(1, keepdim=True)
+    w = 1e-3 * torch.randn(256, 64, generator=g)
+    x, m = torch.randn(3, 64, generator=g), torch.ones(256)
+    norm = torch.ops.peftops.dora_linear_forward(x, w, None, a, b, m, 1.0, 0.0, None)[3]
+    torch.testing.assert_close(norm.double(), torch.linalg.norm(w.double() + b.double() @ a.double(), dim=1),
+                               rtol=1e-4, atol=0)
+    # float16: W A^T overflows to inf (not NaN) where W + s B A and its norm (346) are finite
+    w, a, b = torch.full((4, 128), 30.0).half(), torch.full((2, 128), 30.0).half(), torch.full((4, 2), 0.01).half()
+    x, m = torch.randn(3, 128).half(), torch.ones(4).half()
+    expected = reference.dora_composed(*(t.double() for t in (x, w)), None, a.double(), b.double(), m.double(), 1.0)
+    torch.testing.assert_close(ops.dora_linear(x, w, None, a, b, m, 1.0).double(), expected, rtol=2e-3, atol=1e-3)
+
+
 def test_float16_lora_backward_scales_before_it_can_overflow():
     # peft's gradient is (scale dy) B: a loss-scaled float16 dy whose dy B passes 65504 must stay finite for scale < 1
     x = torch.randn(4, 16).half().requires_grad_()
