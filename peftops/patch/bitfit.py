@@ -13,7 +13,6 @@ dict keys are the model's own and unpatch restores the instance's previous forwa
 - Every other nn.Linear / transformers Conv1D with a bias runs `bias_linear` (keeps no activation).
 A call the ops cannot compute exactly (trainable weight, dtype mismatch, extra arguments) runs the original forward."""
 import inspect
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,7 @@ from .. import ops
 from ..config import BitFitConfig
 from ..layers.wrapped import base_weight, conv1d_class
 from .adapter import STATE_ATTR, check_unpatched, freeze, restore_flags
-from .forwards import call_original, is_replaced, replace_forward, restore_forward
+from .forwards import call_original, is_replaced, replace_forward, restore_forward, thread_slot
 
 
 @dataclass
@@ -59,14 +58,10 @@ def _output_forward(self, hidden_states, input_tensor, *args, **kwargs):
 _RESIDUAL, _PAIR, _BLOCK_API = "_peftops_residual", "_peftops_pair", "_peftops_block_api"
 
 
-def _slot():
-    return 0 if torch.compiler.is_compiling() else threading.get_ident()
-
-
 def _handed_residual(dropout):
     """The residual the running sublayer handed to `dropout`, or None when it runs unfused."""
     slots = getattr(dropout, _RESIDUAL)
-    residual = slots.get(_slot())
+    residual = slots.get(thread_slot())
     if residual is None and not torch.compiler.is_compiling():
         residual = slots.get(0)  # handed over in a traced graph, read after a graph break
     return residual
@@ -89,7 +84,7 @@ def _block_dropout_forward(self, h):
 
 def _sublayer(block_part, residual, dropout, *args, **kwargs):
     """Runs a GPT-2 sublayer with its residual handed to its output dropout: the result already holds the residual."""
-    slots, slot = getattr(dropout, _RESIDUAL), _slot()
+    slots, slot = getattr(dropout, _RESIDUAL), thread_slot()
     slots[slot] = residual
     try:
         return block_part(*args, **kwargs)

@@ -14,7 +14,6 @@ s the sublayer output h plus the model's residual r:
     BERT  `BertOutput` (r is its residual): LN(s + A(r))    pre-LN MLP: mlp(LN(r)) + A(r), r the un-normed stream,
   which the feed-forward norm hands on to the MLP (`_hand_on_input`), as AdapterHub reads it.
 Every form is one `adapter_bottleneck` call whose residual is the tensor the model adds anyway."""
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,7 @@ from ..config import AdapterConfig
 from ..layers.bottleneck import BottleneckAdapter
 from ..layers.wrapped import adapter_dtype
 from .adapter import STATE_ATTR, check_unpatched, freeze, restore_flags
-from .forwards import call_original, is_replaced, replace_forward, restore_forward
+from .forwards import call_original, is_replaced, replace_forward, restore_forward, thread_slot
 
 CHILD = "bottleneck_adapter"
 # Parallel placement on a pre-LN layer: the feed-forward norm keeps its input in its STREAM (a dict: a slot per thread,
@@ -72,20 +71,16 @@ def _projected_forward(self, x):
     return getattr(self, CHILD).projected(x, self.weight, self.bias)
 
 
-def _slot():
-    return 0 if torch.compiler.is_compiling() else threading.get_ident()
-
-
 def _hand_on_input(self, x, *args, **kwargs):
     """A pre-LN layer's feed-forward norm: its input r goes on to the MLP's parallel adapter."""
-    getattr(self, STREAM)[_slot()] = x
+    getattr(self, STREAM)[thread_slot()] = x
     return call_original(self, x, *args, **kwargs)
 
 
 def _parallel_forward(self, x, *args, **kwargs):
     """mlp(LN(r)) + A(r), r as the norm handed it on (taken, so no activation outlives the layer's forward)."""
     stream = getattr(self.__dict__[NORM], STREAM)
-    r = stream.pop(_slot(), None)
+    r = stream.pop(thread_slot(), None)
     if r is None and not torch.compiler.is_compiling():
         r = stream.pop(0, None)  # the norm ran in a traced graph, this MLP after a graph break
     if r is None:

@@ -1,5 +1,8 @@
 """Per-instance, reversible forward replacement: how every patching mode takes over a module it keeps in place."""
 import functools
+import threading
+
+import torch
 
 _SAVED = "_peftops_saved_forward"  # the instance's own forward before patching (None: the class's)
 
@@ -27,3 +30,9 @@ def restore_forward(module) -> None:
 
 def is_replaced(module) -> bool:
     return _SAVED in module.__dict__
+
+
+def thread_slot() -> int:
+    """The key under which a replaced forward leaves a tensor for another module of the same call: the calling
+    thread's (threads may share a model), or 0 while tracing (there the tensor is a value of the graph)."""
+    return 0 if torch.compiler.is_compiling() else threading.get_ident()
