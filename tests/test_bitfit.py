@@ -191,6 +191,17 @@ def test_a_gpt2_shared_by_threads_gives_each_its_own_output():
     assert all(len(results[i]) == 6 and all(torch.equal(y, serial[i]) for y in results[i]) for i in range(4))
 
 
+def test_a_whole_gpt2_compiles_as_one_graph():
+    # the residual hand-over must not break the trace (a dict written there broke the next block's signature.bind)
+    model = peftops.patch(TINY["gpt2"](), BitFitConfig()).eval()
+    ids = input_ids()
+    explanation = torch._dynamo.explain(model)(input_ids=ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    assert_close(compiled(input_ids=ids).logits, output(model, ids), what="compiled")
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_dropout_of_one_trains_as_the_unpatched_model(family):
     # nn.Dropout(p=1) drops everything; bias_dropout_add does not take p = 1, so those sublayers run unfused

@@ -53,18 +53,20 @@ def _output_forward(self, hidden_states, input_tensor, *args, **kwargs):
 
 
 # GPT-2: the block hands a sublayer's residual to its output dropout through the dropout's _RESIDUAL, a dict with a
-# slot per thread (threads may share a model; a block's own forward, unfused, finds no residual in its thread's) and
-# one slot while tracing. The projection and the dropout of one sublayer know each other through _PAIR.
-_RESIDUAL, _PAIR, _BLOCK_API = "_peftops_residual", "_peftops_pair", "_peftops_block_api"
+# slot per thread (threads may share a model; a block's own forward, unfused, finds no residual in its thread's). While
+# tracing it goes through the plain attribute _TRACED instead: dynamo follows a setattr, where a dict written in the
+# trace breaks the next block's signature.bind (a mappingproxy read). The projection and the dropout of one sublayer
+# know each other through _PAIR.
+_RESIDUAL, _TRACED, _PAIR, _BLOCK_API = "_peftops_residual", "_peftops_traced", "_peftops_pair", "_peftops_block_api"
 
 
 def _handed_residual(dropout):
     """The residual the running sublayer handed to `dropout`, or None when it runs unfused."""
-    slots = getattr(dropout, _RESIDUAL)
-    residual = slots.get(thread_slot())
-    if residual is None and not torch.compiler.is_compiling():
-        residual = slots.get(0)  # handed over in a traced graph, read after a graph break
-    return residual
+    traced = getattr(dropout, _TRACED)
+    if torch.compiler.is_compiling():
+        return traced
+    residual = getattr(dropout, _RESIDUAL).get(thread_slot())
+    return traced if residual is None else residual  # (traced: handed over in a graph, read after a graph break)
 
 
 def _block_projection_forward(self, x, *args, **kwargs):
@@ -84,6 +86,12 @@ def _block_dropout_forward(self, h):
 
 def _sublayer(block_part, residual, dropout, *args, **kwargs):
     """Runs a GPT-2 sublayer with its residual handed to its output dropout: the result already holds the residual."""
+    if torch.compiler.is_compiling():
+        setattr(dropout, _TRACED, residual)
+        try:
+            return block_part(*args, **kwargs)
+        finally:
+            setattr(dropout, _TRACED, None)
     slots, slot = getattr(dropout, _RESIDUAL), thread_slot()
     slots[slot] = residual
     try:
@@ -200,6 +208,7 @@ def patch_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str) -> n
             proj, dropout = model.get_submodule(proj_name), model.get_submodule(dropout_name)
             proj.__dict__[_PAIR], dropout.__dict__[_PAIR] = dropout, proj
             setattr(dropout, _RESIDUAL, {})
+            setattr(dropout, _TRACED, None)
             replace_forward(proj, _block_projection_forward)
             replace_forward(dropout, _block_dropout_forward)
             replaced += [proj_name, dropout_name]
@@ -212,7 +221,7 @@ def unpatch_bitfit(model: nn.Module) -> nn.Module:
     for name in state.layer_names:
         module = model.get_submodule(name)
         restore_forward(module)
-        for attr in (_PAIR, _RESIDUAL, _BLOCK_API):
+        for attr in (_PAIR, _RESIDUAL, _TRACED, _BLOCK_API):
             module.__dict__.pop(attr, None)
     restore_flags(model, state.requires_grad)
     return model
