@@ -31,8 +31,7 @@ void check_bias_dropout_add(const at::Tensor& x, const at::Tensor& bias, const a
                     x.sym_size(-1),
                     "], got shape ", bias.sizes());
   TORCH_CHECK_VALUE(residual.sym_sizes() == x.sym_sizes(), "bias_dropout_add: residual must have x's shape ",
-                    x.sym_sizes(),
-                    ", got ", residual.sym_sizes());
+                    x.sym_sizes(), ", got ", residual.sym_sizes());
   check_float(x, "bias_dropout_add", "x");
   check_like(bias, x, "bias_dropout_add", "bias", "x");
   check_like(residual, x, "bias_dropout_add", "residual", "x");

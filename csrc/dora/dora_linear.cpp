@@ -70,11 +70,11 @@ void check_magnitude(const Tensor& weight, const Tensor& magnitude) {
 // A row's squared norm may fall to this fraction of its bound before the identity's rounding shows in it.
 constexpr double kCancellation = 0.25;
 
-// ||W_i + s (B A)_i|| for every output row i, in the accumulation type. The identity's rounding is at most a few ulps of
-// the triangle bound (||W_i|| + |s| sum_k |B_ik| ||A_k||)^2 (its products included): where the norm cancels well below
-// that bound (an adapter that nearly undoes its row, a nearly rank-deficient A; rare in training, frequent with random
-// weights and few input features) or is not finite, the row is recomputed from W_i + s (B A)_i itself, as peft forms
-// it. Finding those rows costs one host sync (CUDA graphs cannot capture the op).
+// ||W_i + s (B A)_i|| for every output row i, in the accumulation type. The identity's rounding is at most a few ulps
+// of the triangle bound (||W_i|| + |s| sum_k |B_ik| ||A_k||)^2 (its products included): where the norm cancels well
+// below that bound (an adapter that nearly undoes its row, a nearly rank-deficient A; rare in training, frequent
+// with random weights and few input features) or is not finite, the row is recomputed from W_i + s (B A)_i itself,
+// as peft forms it. Finding those rows costs one host sync (CUDA graphs cannot capture the op).
 Tensor column_norms(const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale) {
   const auto acc = at::toOpMathType(weight.scalar_type());
   const auto wa = at::mm(weight, lora_a.t()).to(acc);  // [out, r]

@@ -1,7 +1,8 @@
 // Many LoRA adapters in one batch, one implementation for CPU and CUDA: the base product once by the vendor GEMM,
 // then per adapter segment a gathered rank-r shrink and expand (vendor GEMMs again) scattered back in place with
 // index_add_. The segment layout is built on the host: on CUDA, an index or scales that live on the GPU cost a
-// small synchronising device-to-host copy per call (backend mode keeps both on the CPU, so it has none). On the CPU the gathered form came within 3% of hand-written row passes over the segments in place, and a
+// small synchronising device-to-host copy per call (backend mode keeps both on the CPU, so it has none). On the CPU
+// the gathered form came within 3% of hand-written row passes over the segments in place, and a
 // segment that is one run of rows (a request's tokens) needs no gather at all; the CPU tests run the GPU's code.
 #include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
