@@ -10,8 +10,8 @@ import torch
 import peftops
 from ia3_helpers import with_random_biases
 from peftops import BitFitConfig
-from tiny_models import (assert_close, input_ids, loss_of, minilm, output, outputs_match_then_backward, tiny_bert,
-                         tiny_gpt2, tiny_llama)
+from tiny_models import (assert_close, input_ids, loss_of, minilm, output, outputs_from_threads,
+                         outputs_match_then_backward, tiny_bert, tiny_gpt2, tiny_llama)
 
 TINY = {"bert": with_random_biases(tiny_bert), "gpt2": with_random_biases(tiny_gpt2)}
 
@@ -169,25 +169,13 @@ def test_gpt2_blocks_fuse_their_residual_adds_and_unpatch_restores_them():
 
 
 def test_a_gpt2_shared_by_threads_gives_each_its_own_output():
-    # a sublayer hands its residual to its output dropout through the module: threads take turns there
-    import threading
+    # a sublayer hands its residual to its output dropout through the module, in a slot per thread
     model = peftops.patch(TINY["gpt2"](), BitFitConfig()).eval()
     inputs = [torch.randint(64, (2, 48), generator=torch.Generator().manual_seed(i)) for i in range(4)]
     with torch.no_grad():
         serial = [output(model, ids) for ids in inputs]
-    results = {i: [] for i in range(4)}
-    unfused = {i: {"output_attentions": True} if i % 2 else {} for i in range(4)}  # the block's own forward
-
-    def serve(i):
-        for _ in range(6):
-            with torch.no_grad():
-                results[i].append(model(input_ids=inputs[i], **unfused[i]).logits)
-
-    threads = [threading.Thread(target=serve, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    unfused = [{"output_attentions": True} if i % 2 else {} for i in range(4)]  # the block's own forward
+    results = outputs_from_threads([lambda i=i: model(input_ids=inputs[i], **unfused[i]).logits for i in range(4)], 6)
     assert all(len(results[i]) == 6 and all(torch.equal(y, serial[i]) for y in results[i]) for i in range(4))
 
 

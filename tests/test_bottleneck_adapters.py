@@ -15,7 +15,7 @@ from peftops.layers import BottleneckAdapter
 from peftops.patch.adapter import get_state
 from peftops.patch.bottleneck import CHILD, adapter_parameters
 from bottleneck_reference import install
-from tiny_models import BUILDERS, assert_close, input_ids, loss_of, output
+from tiny_models import BUILDERS, assert_close, input_ids, loss_of, output, outputs_from_threads
 
 FAMILIES, PLACEMENTS = sorted(BUILDERS), ("pfeiffer", "houlsby", "parallel")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
@@ -382,25 +382,13 @@ def test_the_projected_adapter_runs_on_the_meta_device():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_a_parallel_adapter_serves_threads_and_survives_export(family):
     # the pre-LN norm hands its input to the MLP's adapter: a slot per thread, read through the norm itself
-    import threading
     model = peftops.patch(BUILDERS[family](), AdapterConfig(bottleneck=8, placement="parallel"))
     randomize(model)
     model.eval()
     inputs = [torch.randint(64, (2, 24), generator=torch.Generator().manual_seed(i)) for i in range(4)]
     with torch.no_grad():
         serial = [output(model, ids) for ids in inputs]
-    results = {i: [] for i in range(4)}
-
-    def serve(i):
-        for _ in range(5):
-            with torch.no_grad():
-                results[i].append(output(model, inputs[i]))
-
-    threads = [threading.Thread(target=serve, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = outputs_from_threads([lambda i=i: output(model, inputs[i]) for i in range(4)], 5)
     assert all(len(results[i]) == 5 and all(torch.equal(y, serial[i]) for y in results[i]) for i in range(4))
     program = torch.export.export(model, (), {"input_ids": inputs[0], "use_cache": False})
     assert_close(program.module()(input_ids=inputs[0], use_cache=False).logits, serial[0], 1e-5, "exported")

@@ -101,6 +101,25 @@ def patched_pair(builder, config, seed=2):
     return ours, ref
 
 
+def outputs_from_threads(calls, repeats):
+    """Runs every call `repeats` times (without grad) in a thread of its own, all threads at once; returns each
+    call's outputs in order."""
+    import threading
+    results = [[] for _ in calls]
+
+    def serve(i):
+        for _ in range(repeats):
+            with torch.no_grad():
+                results[i].append(calls[i]())
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def assert_close(a, b, rtol=1e-5, what=""):
     """Element-wise, with an absolute slack of `rtol` times the tensor's largest magnitude: float32 rounding of two
     summation orders differs by that much near zero crossings (a small floor covers gradients that are zero in

@@ -80,13 +80,14 @@ Tensor column_norms(const Tensor& weight, const Tensor& lora_a, const Tensor& lo
   const auto wa = at::mm(weight, lora_a.t()).to(acc);  // [out, r]
   const auto aa = at::mm(lora_a, lora_a.t()).to(acc);  // [r, r]
   const auto b = lora_b.to(acc);
-  const auto w2 = at::linalg_vector_norm(weight, 2, {1}, false, acc).square_();
+  const auto w_norms = at::linalg_vector_norm(weight, 2, {1}, false, acc);
+  const auto w2 = w_norms.square();
   // scaled by multiplication: 2 s and s^2 may exceed float as alphas where s does not
   const auto cross = at::mul(wa, b).sum(1).mul_(scale).mul_(2.0);
   const auto quad = at::mul(at::mm(b, aa), b).sum(1).mul_(scale).mul_(scale);
   auto n2 = at::add(w2, cross).add_(quad);
   const auto a_norms = at::linalg_vector_norm(lora_a, 2, {1}, false, acc);  // [r]
-  const auto bound = at::mv(b.abs(), a_norms).mul_(std::abs(scale)).add_(w2.sqrt()).square_();
+  const auto bound = at::mv(b.abs(), a_norms).mul_(std::abs(scale)).add_(w_norms).square_();
   const auto rows = at::nonzero(n2.lt(bound.mul_(kCancellation)).logical_or_(n2.isfinite().logical_not_()));
   if (rows.numel() > 0) {
     const auto r = rows.view(-1);
