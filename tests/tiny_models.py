@@ -61,6 +61,12 @@ def loss_of(out):
     return (out.float() * weights).square().mean()
 
 
+def peft_at_least(major_minor):
+    """Whether the installed peft is at least (major, minor): its behaviour changed across the versions supported."""
+    import peft
+    return tuple(int(part) for part in peft.__version__.split(".")[:2]) >= major_minor
+
+
 def peft_lora_config(config, model):
     """The peft LoraConfig equal to a peftops LoraConfig (Conv1D models need fan_in_fan_out)."""
     import peft

@@ -5,6 +5,7 @@
 import json
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -160,11 +161,22 @@ def head_tensors(model, prefix: str) -> dict:
             for n, p in model.get_submodule(h).named_parameters()}
 
 
-def read_checked(path: str, expected: dict, heads: dict) -> dict:
+def _unsaved_lora_only_biases(expected: dict, bias: str) -> set:
+    """The keys of `expected` that a peft file may lack: peft before 0.21 saved no bias for `bias="lora_only"` (its
+    key rule missed `base_layer.bias`), and loads such a file keeping the model's biases."""
+    return {k for k in expected if k.endswith(".base_layer.bias")} if bias == "lora_only" else set()
+
+
+def read_checked(path: str, expected: dict, heads: dict, optional: set = frozenset()) -> dict:
     """An adapter file's tensors, checked to be exactly `expected` (file key -> a tensor of the right shape) plus,
     optionally, the classification head that a peft file of a classification model carries (`heads`: file key ->
-    live parameter), which is copied in after every check; the caller copies the rest. A mismatch changes nothing."""
+    live parameter), which is copied in after every check; the caller copies the rest (what the file has). The keys
+    in `optional` may all be absent together. A mismatch changes nothing."""
     loaded = read_weights(path)
+    if optional and not optional & loaded.keys():
+        warnings.warn(f"peftops: {path} holds no biases for bias='lora_only' (peft before 0.21 did not save them): "
+                      f"the model keeps its own, as peft loads it")
+        expected = {k: v for k, v in expected.items() if k not in optional}
     # a head module counts when the file has any of its tensors (then it must have them all): files differ in which
     # modules they carry (peftops' before it followed peft's suffix rule: classifier without pre_classifier)
     carried = {k.rsplit(".", 1)[0] for k in heads if k in loaded}
@@ -241,11 +253,20 @@ def load_peft_format(model, state, path: str):
     technique = _TECHNIQUES[type(state.config)]
     _check_config(path, technique, technique.expected(model, state))
     expected = adapter_tensors(model, state)
-    loaded = read_checked(path, expected, head_tensors(model, _PREFIX))
+    optional = _unsaved_lora_only_biases(expected, getattr(state.config, "bias", "none"))
+    loaded = read_checked(path, expected, head_tensors(model, _PREFIX), optional)
     with torch.no_grad():
         for key, param in expected.items():
-            param.copy_(loaded[key])
+            if key in loaded:
+                param.copy_(loaded[key])
     return model
+
+
+def _peft_lora_only_biases(model, name: str) -> dict:
+    """File key -> bias of the base layers that adapter `name` of a peft LoRA model wraps."""
+    from peft.tuners.lora import LoraLayer
+    return {f"{n}.base_layer.bias": m.get_base_layer().bias for n, m in model.named_modules()
+            if isinstance(m, LoraLayer) and name in m.lora_A and m.get_base_layer().bias is not None}
 
 
 def load_into_peft(model, path: str):
@@ -258,9 +279,13 @@ def load_into_peft(model, path: str):
         raise ValueError(f"peftops.load_adapter loads LoRA or IA3 adapters into peft models, not {kind}")
     _check_config(path, technique, technique.peft_expected(model, name))
     expected = get_peft_model_state_dict(model, adapter_name=name)
+    bias = getattr(model.peft_config[name], "bias", "none")
+    if bias == "lora_only":  # peft before 0.21 leaves them out of its state dict, but loads them
+        expected.update(_peft_lora_only_biases(model, name))
     # a file saved from a classification model carries its head; a peft model without that task keeps the head in
     # its base model, where it goes (as for adapter mode)
     heads = {k: p for k, p in head_tensors(model.get_base_model(), _PREFIX).items() if k not in expected}
-    loaded = read_checked(path, expected, heads)
+    optional = _unsaved_lora_only_biases(expected, bias)
+    loaded = read_checked(path, expected, heads, optional)
     set_peft_model_state_dict(model, {k: v for k, v in loaded.items() if k not in heads}, adapter_name=name)
     return model
