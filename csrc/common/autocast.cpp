@@ -1,8 +1,10 @@
 // torch.autocast for every peftops op, in one place. The public ops are linear layers and attention, and run in
 // the autocast dtype as nn.Linear and SDPA do: their floating-point tensor arguments are cast once (through
 // autocast's weight cache), then the op runs below autocast, so the ATen products inside the kernels are not cast
-// again (the kernels keep their own float32 accumulation). bias_dropout_add, an elementwise epilogue, follows
-// autocast's promote policy (its operands to their widest floating type). The internal forward and backward ops only
+// again (the kernels keep their own float32 accumulation). bias_dropout_add, an elementwise epilogue, and
+// adapter_bottleneck, whose output is its residual plus a small update (PyTorch's `residual + up(...)` is float32 for a
+// float32 residual stream), follow autocast's promote policy (their operands to their widest floating type: a bottleneck
+// over a float32 stream runs in float32, at the cost of its two [tokens, d] x [d, m] products). The internal ops only
 // run below autocast, untouched: a backward called inside an autocast region must not have its products cast.
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -39,11 +41,13 @@ void autocast_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 
 template <c10::DeviceType device>
 void register_autocast(torch::Library& m) {
-  for (const char* op : {"lora_linear", "dora_linear", "multi_lora_linear", "prefix_attention", "adapter_bottleneck",
-                         "bias_linear", "ia3_linear", "ia3_glu_linear"}) {
+  for (const char* op : {"lora_linear", "dora_linear", "multi_lora_linear", "prefix_attention", "bias_linear",
+                         "ia3_linear", "ia3_glu_linear"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&autocast_boxed<device, Policy::lower_precision>>());
   }
-  m.impl("bias_dropout_add", torch::CppFunction::makeFromBoxedFunction<&autocast_boxed<device, Policy::promote>>());
+  for (const char* op : {"bias_dropout_add", "adapter_bottleneck"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&autocast_boxed<device, Policy::promote>>());
+  }
   for (const char* op : {"lora_linear_forward", "lora_linear_backward", "dora_linear_forward", "dora_linear_backward",
                          "multi_lora_linear_forward", "multi_lora_linear_backward", "prefix_attention_forward",
                          "prefix_attention_backward", "adapter_bottleneck_forward", "adapter_bottleneck_backward",

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import ops
 from ..layers.wrapped import base_weight, conv1d_class, wants_base_grad
-from .forwards import call_original, is_replaced, replace_forward, restore_forward
+from .forwards import call_original, is_replaced, one_dtype_for_ops, replace_forward, restore_forward
 
 _WARNED = "_peftops_warned"  # the set of fallback reasons already warned about, shared by one patch call
 
@@ -106,8 +106,8 @@ def adapter_reason(module, x, name, allow_dora):
         return f"dropout module {type(drop).__name__}"
     if intercepted(a, x) or intercepted(b, x) or intercepted(drop, x):
         return "LoRA factors or dropout with hooks"
-    if not x.is_floating_point() or x.dtype != module.base_layer.weight.dtype or not a.weight.is_floating_point():
-        return "an input whose dtype differs from the base weight's, or non-float weights"
+    if not (x.is_floating_point() and a.weight.is_floating_point() and one_dtype_for_ops(x, module.base_layer.weight)):
+        return "an input whose dtype differs from the base weight's (outside autocast), or non-float weights"
     return None
 
 

@@ -1,13 +1,14 @@
 """Backend mode for peft IA3: a peft `ia3.Linear` layer's forward computed by peftops.ops.ia3_linear.
 
 Follows peft's `Linear.forward`: disabled or merged adapters run the base alone (peft's code, which also unmerges);
-several active adapters multiply their vectors; peft casts the input to the vector's dtype and back, which the
-fused op cannot, so mixed dtypes run peft's forward (with one warning)."""
+several active adapters multiply their vectors. Vectors kept in float32 over a 16-bit base (peft's
+autocast_adapter_dtype) are cast to the base's dtype, as in adapter mode: peft multiplies in float32 and rounds the
+product, the op rounds the vector first (a difference within the 16-bit rounding)."""
 
 from .. import ops
-from ..layers.wrapped import base_weight
+from ..layers.wrapped import base_weight, cast_to
 from .backend import base_reason, warn_once
-from .forwards import call_original
+from .forwards import call_original, one_dtype_for_ops
 
 
 def _fallback_reason(module, x, args, kwargs, active):
@@ -15,11 +16,11 @@ def _fallback_reason(module, x, args, kwargs, active):
     if reason is not None:
         return reason
     base = module.base_layer
-    dtypes = {x.dtype, base.weight.dtype} | {module.ia3_l[n].dtype for n in active}
-    if base.bias is not None:
-        dtypes.add(base.bias.dtype)
-    if len(dtypes) != 1 or not x.is_floating_point():
-        return "an input, base weight and IA3 vectors of different dtypes"
+    tensors = [base.weight] + ([base.bias] if base.bias is not None else [])
+    if not x.is_floating_point() or not one_dtype_for_ops(x, *tensors):
+        return "an input and base weights of different dtypes (outside autocast)"
+    if not all(module.ia3_l[n].is_floating_point() for n in active):
+        return "IA3 vectors that are not floating point"
     return None
 
 
@@ -38,4 +39,5 @@ def fused_forward(self, x, *args, **kwargs):
         for name in active[1:]:
             scale = scale * self.ia3_l[name].flatten()
     base = self.base_layer
-    return ops.ia3_linear(x, base_weight(base), base.bias, scale, feedforward=self.is_feedforward)
+    return ops.ia3_linear(x, base_weight(base), base.bias, cast_to(scale, base.weight.dtype),
+                          feedforward=self.is_feedforward)

@@ -23,7 +23,7 @@ from .. import ops
 from ..config import BitFitConfig
 from ..layers.wrapped import base_weight, conv1d_class
 from .adapter import STATE_ATTR, check_unpatched, freeze, restore_flags
-from .forwards import call_original, is_replaced, replace_forward, restore_forward, thread_slot
+from .forwards import call_original, is_replaced, one_dtype_for_ops, replace_forward, restore_forward, thread_slot
 
 
 @dataclass
@@ -36,15 +36,15 @@ class BitFitState:
 
 
 def _bias_linear_forward(self, x, *args, **kwargs):
-    if args or kwargs or self.weight.requires_grad or x.dtype != self.weight.dtype:
+    if args or kwargs or self.weight.requires_grad or not one_dtype_for_ops(x, self.weight):
         return call_original(self, x, *args, **kwargs)
     return ops.bias_linear(x, base_weight(self), self.bias)
 
 
 def _output_forward(self, hidden_states, input_tensor, *args, **kwargs):
     dense, drop = self.dense, self.dropout
-    if args or kwargs or dense.weight.requires_grad or (drop.training and drop.p >= 1.0) or not (
-            hidden_states.dtype == input_tensor.dtype == dense.weight.dtype == dense.bias.dtype):
+    if args or kwargs or dense.weight.requires_grad or (drop.training and drop.p >= 1.0) or not one_dtype_for_ops(
+            hidden_states, input_tensor, dense.weight, dense.bias):
         return call_original(self, hidden_states, input_tensor, *args, **kwargs)
     # The bias is left out of the matmul: bias_dropout_add adds it, so its gradient is reduced in its backward.
     h = ops.bias_dropout_add(F.linear(hidden_states, dense.weight), dense.bias, input_tensor, drop.p,

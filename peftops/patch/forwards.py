@@ -36,3 +36,12 @@ def thread_slot() -> int:
     """The key under which a replaced forward leaves a tensor for another module of the same call: the calling
     thread's (threads may share a model), or 0 while tracing (there the tensor is a value of the graph)."""
     return 0 if torch.compiler.is_compiling() else threading.get_ident()
+
+
+def one_dtype_for_ops(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether a fused op sees x and these tensors in one dtype: they share it, or autocast casts them all to its own
+    (as it does for nn.Linear; it leaves float64 alone)."""
+    dtypes = {x.dtype, *(t.dtype for t in others)}
+    if len(dtypes) == 1:
+        return True
+    return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type) and torch.float64 not in dtypes

@@ -1,7 +1,9 @@
-// Autograd of the BitFit ops: bias_linear saves only the frozen weight (no activation); bias_dropout_add saves
-// only its seed. The residual's gradient is grad_out itself.
+// Autograd of the BitFit ops: bias_linear saves only the frozen weight, when x needs a gradient (no activation);
+// bias_dropout_add saves only its seed. The residual's gradient is grad_out itself.
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "../../common/saved_weight.h"
 
 namespace peftops::bitfit {
 namespace {
@@ -17,7 +19,7 @@ class BiasLinearFunction : public torch::autograd::Function<BiasLinearFunction> 
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto out = op.call(x, weight, bias);
-    ctx->save_for_backward({weight});
+    ctx->save_for_backward({weight_for_dx(weight, x)});
     return out;
   }
 

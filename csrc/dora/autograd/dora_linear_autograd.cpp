@@ -3,6 +3,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../../common/saved_weight.h"
+
 namespace peftops::dora {
 namespace {
 
@@ -22,7 +24,7 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
                              const at::Tensor&, const at::Tensor&, double, double, const OptTensor&)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, z, t, norm] = op.call(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed);
-    ctx->save_for_backward({x, weight, lora_a, lora_b, magnitude, z, t, norm, seed.value_or(at::Tensor())});
+    ctx->save_for_backward({x, weight_for_dx(weight, x), lora_a, lora_b, magnitude, z, t, norm, seed.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();

@@ -5,6 +5,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../../common/saved_weight.h"
+
 namespace peftops::ia3 {
 namespace {
 
@@ -29,7 +31,11 @@ class Ia3LinearFunction : public torch::autograd::Function<Ia3LinearFunction> {
     } else {
       out = op.call(x, weight, bias, scale, feedforward);
     }
-    ctx->save_for_backward({base.defined() ? at::Tensor() : x, base, weight, bias.value_or(at::Tensor()), scale});
+    // the scale's gradient reads the weight unless it has the base output (output scaling)
+    const bool scale_reads_weight = scale.requires_grad() && (feedforward || !base.defined());
+    ctx->save_for_backward({base.defined() ? at::Tensor() : x, base,
+                            scale_reads_weight ? weight : weight_for_dx(weight, x), bias.value_or(at::Tensor()),
+                            scale});
     ctx->saved_data["feedforward"] = feedforward;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return out;

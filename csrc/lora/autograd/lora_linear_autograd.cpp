@@ -3,6 +3,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../../common/saved_weight.h"
+
 namespace peftops::lora {
 namespace {
 
@@ -22,7 +24,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                              const at::Tensor&, const at::Tensor&, double, double, const std::optional<at::Tensor>&)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, t] = op.call(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed);
-    ctx->save_for_backward({x, weight, lora_a, lora_b, t, seed.value_or(at::Tensor())});
+    ctx->save_for_backward({x, weight_for_dx(weight, x), lora_a, lora_b, t, seed.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();

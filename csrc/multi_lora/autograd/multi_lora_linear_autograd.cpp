@@ -4,6 +4,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../../common/saved_weight.h"
+
 namespace peftops::multi_lora {
 namespace {
 
@@ -22,7 +24,7 @@ class MultiLoraLinearFunction : public torch::autograd::Function<MultiLoraLinear
                              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, t] = op.call(x, weight, bias, lora_a, lora_b, scales, adapter_index);
-    ctx->save_for_backward({x, weight, lora_a, lora_b, scales, adapter_index, t});
+    ctx->save_for_backward({x, weight_for_dx(weight, x), lora_a, lora_b, scales, adapter_index, t});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->mark_non_differentiable({t});
     return {out, t};
