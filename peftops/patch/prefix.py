@@ -1,5 +1,6 @@
 """Prefix tuning in adapter mode: every self-attention layer attends to its own trainable prefix keys and values
-through `ops.prefix_attention` (the prefix is shared by the batch: never expanded, copied or put in a cache).
+through `ops.prefix_attention` (the prefix is shared by the batch: never expanded, copied or put in a cache). The op
+has no attention-probability dropout, so a layer that trains with it runs SDPA over the concatenation, as peft does.
 
 Hooked into transformers through its attention-function registry (Llama, GPT-2, BERT in transformers 5.x, and any
 family whose attention calls `ALL_ATTENTION_FUNCTIONS`): the model's `_attn_implementation` becomes "peftops_prefix",
