@@ -548,11 +548,14 @@ def test_internal_ops_check_what_they_index():
     # reachable as torch.ops.peftops.*: arguments that do not fit are refused, never read out of bounds
     q = torch.randn(1, 1, 4, 8)
     pk = torch.randn(1, 2, 8)
-    out, lse = torch.ops.peftops.prefix_attention_forward(q, q, q, pk, pk, None, False, None)
+    out, lse = torch.ops.peftops.prefix_attention_forward(q, q, q, pk, pk, None, False, None, 0.0, None)
+    flags = (None, False, None, 0.0, None)  # attn_mask, is_causal, scale, dropout_p, seed
     with pytest.raises(ValueError, match="lse must be"):
-        torch.ops.peftops.prefix_attention_backward(out, q, q, q, pk, pk, out, lse[..., :2], None, False, None)
+        torch.ops.peftops.prefix_attention_backward(out, q, q, q, pk, pk, out, lse[..., :2], *flags)
     with pytest.raises(ValueError, match="grad_out and out must have q's shape"):
-        torch.ops.peftops.prefix_attention_backward(out[:, :, :2], q, q, q, pk, pk, out, lse, None, False, None)
+        torch.ops.peftops.prefix_attention_backward(out[:, :, :2], q, q, q, pk, pk, out, lse, *flags)
+    with pytest.raises(ValueError, match="dropout seed must be one int64"):
+        torch.ops.peftops.prefix_attention_forward(q, q, q, pk, pk, None, False, None, 0.5, torch.tensor(1.0))
     with pytest.raises(ValueError, match="activation code"):
         torch.ops.peftops.bottleneck_activation(torch.randn(3, 4), 7, False)
     with pytest.raises(ValueError, match="grad must have a's shape"):

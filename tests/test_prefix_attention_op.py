@@ -141,6 +141,66 @@ def test_gradcheck_float64():
         lambda *a: peftops.ops.prefix_attention(*a, attn_mask=mask, is_causal=True), args)
 
 
+@pytest.mark.parametrize("path", ["kernel", "dense", "dense_blocks"])
+@pytest.mark.parametrize("case", CASES[:4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_dropout_drops_the_reference_mask(monkeypatch, device, path, case, causal):
+    # the probabilities [B, Hq, L, P + S] go through the shared Philox mask (KERNELS.md) on every path, forward and
+    # every gradient: the same elements as the reference's mask from the op's own seed draw
+    if path != "kernel":
+        monkeypatch.setenv("PEFTOPS_PREFIX_DENSE", "1")
+    if path == "dense_blocks":
+        monkeypatch.setenv("PEFTOPS_PREFIX_BLOCK_ROWS", "2")
+    for dtype in DTYPES[device]:
+        gen = torch.Generator().manual_seed(sum(case) + causal)
+        args = operands(device, dtype, case, gen=gen)
+        mask = padding("left", case[0], case[4], gen).to(device)
+        torch.manual_seed(7)
+        y = peftops.ops.prefix_attention(*args, attn_mask=mask, is_causal=causal, dropout_p=0.25)
+        torch.manual_seed(7)
+        seed = torch.randint(2**63 - 1, (), device=device)  # the op's draw
+        dbl = [t.detach().double().requires_grad_() for t in args]
+        y_ref = ref.prefix_attention(*dbl, mask, causal, None, 0.25, seed)
+        assert_close(y, y_ref, dtype, "out")
+        g = torch.randn_like(y)
+        for name, a, b in zip(["q", "k", "v", "prefix_k", "prefix_v"], torch.autograd.grad(y, args, g),
+                              torch.autograd.grad(y_ref, dbl, g.double())):
+            assert_close(a, b, dtype, f"grad {name}")
+        undropped = peftops.ops.prefix_attention(*args, attn_mask=mask, is_causal=causal)
+        assert not torch.allclose(y, undropped)
+
+
+def test_attention_dropout_is_reproducible_off_in_eval_and_keeps_only_a_seed():
+    gen = torch.Generator().manual_seed(4)
+    args = operands("cpu", torch.float32, (2, 4, 2, 6, 6, 3, 8), gen=gen)
+    plain = peftops.ops.prefix_attention(*args, is_causal=True)
+    assert torch.equal(peftops.ops.prefix_attention(*args, is_causal=True, dropout_p=0.5, training=False), plain)
+    assert torch.equal(peftops.ops.prefix_attention(*args, is_causal=True, dropout_p=1.0, training=False), plain)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        with SavedTensors() as saved:
+            runs.append(peftops.ops.prefix_attention(*args, is_causal=True, dropout_p=0.5))
+        runs.append(saved.nbytes)
+    with SavedTensors() as saved_plain:
+        peftops.ops.prefix_attention(*args, is_causal=True)
+    assert torch.equal(runs[0], runs[2]) and not torch.equal(runs[0], plain)
+    assert runs[1] == runs[3] == saved_plain.nbytes + 8  # the seed; never a mask or the probabilities
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        peftops.ops.prefix_attention(*args, dropout_p=1.0)
+
+
+def test_gradcheck_float64_with_dropout():
+    gen = torch.Generator().manual_seed(1)
+    args = operands("cpu", torch.float64, (2, 4, 2, 3, 4, 2, 4), gen=gen)
+    mask = torch.tensor([[True, True, True, False], [False, True, True, True]])
+
+    def dropped(*a):
+        torch.manual_seed(11)  # one mask for every evaluation
+        return peftops.ops.prefix_attention(*a, attn_mask=mask, is_causal=True, dropout_p=0.4)
+    assert torch.autograd.gradcheck(dropped, args)
+
+
 def test_no_batch_fold_prefix_copy_in_saved_tensors():
     """Saved for backward: q, k, v and the prefix themselves, the output and the LSE; nothing of size B * P."""
     saved = {}
@@ -159,8 +219,11 @@ def test_opcheck_and_compile(device):
     gen = torch.Generator().manual_seed(2)
     q, k, v, pk, pv = operands(device, torch.float32, (2, 4, 2, 3, 5, 2, 8), gen=gen)
     mask = torch.tensor([[True] * 5, [False, True, True, True, True]], device=device)
-    torch.library.opcheck(torch.ops.peftops.prefix_attention_forward.default, (q, k, v, pk, pv, mask, True, None))
-    torch.library.opcheck(torch.ops.peftops.prefix_attention_forward.default, (q, k, v, pk, pv, None, False, 0.5))
+    seed = torch.tensor(123, device=device)
+    forward = torch.ops.peftops.prefix_attention_forward.default
+    torch.library.opcheck(forward, (q, k, v, pk, pv, mask, True, None, 0.0, None))
+    torch.library.opcheck(forward, (q, k, v, pk, pv, None, False, 0.5, 0.0, None))
+    torch.library.opcheck(forward, (q, k, v, pk, pv, mask, True, None, 0.3, seed))
     torch._dynamo.reset()
     f = lambda q, pk: peftops.ops.prefix_attention(q, k, v, pk, pv, attn_mask=mask, is_causal=True).square().sum()  # noqa: E731
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")

@@ -13,7 +13,7 @@ import torch
 import peftops
 from peftops.patch import prefix as pf
 from peftops.patch.adapter import STATE_ATTR
-from tiny_models import VOCAB, assert_close, loss_of, peft_at_least, tiny_bert, tiny_gpt2, tiny_llama
+from tiny_models import VOCAB, assert_close, loss_of, output, peft_at_least, tiny_bert, tiny_gpt2, tiny_llama
 
 P = 3
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -240,6 +240,54 @@ def test_bert_matches_attention_over_the_concatenated_prefix():
     peftops.unpatch(model)
     assert not any("forward" in model.get_submodule(n).__dict__ for n in st.attention_names)
     assert torch.equal(model(input_ids=IDS, attention_mask=am).last_hidden_state, before)
+
+
+def _with_attention_dropout(name):
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    if name == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.1))
+    return BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.1))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_attention_dropout_runs_in_the_op(name, monkeypatch):
+    # GPT-2 and BERT train with attention dropout by default: the op drops the probabilities itself (no concatenated
+    # keys and values, no batch-fold prefix), reproducibly under torch.manual_seed, so it keeps less than peft, which
+    # concatenates; in evaluation nothing is dropped and the model is peft's
+    calls = []
+    fused = peftops.ops.prefix_attention
+    monkeypatch.setattr(peftops.ops, "prefix_attention", lambda *a, **k: calls.append(k["dropout_p"]) or fused(*a, **k))
+    task = "CAUSAL_LM" if name == "gpt2" else "FEATURE_EXTRACTION"
+    ref = peft.get_peft_model(_with_attention_dropout(name), peft.PrefixTuningConfig(task_type=task,
+                                                                                     num_virtual_tokens=P))
+    ours = peftops.patch(_with_attention_dropout(name), peftops.PrefixConfig(P))
+    with torch.no_grad():
+        ref.prompt_encoder["default"].embedding.weight.copy_(pf.to_peft_layout(pf.prefixes(ours, state(ours))))
+
+    def step(model):
+        torch.manual_seed(1)
+        loss, saved = peftops.profiling.saved_bytes(lambda: loss_of(output(model, IDS)), model.parameters())
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        return loss, saved, grads
+
+    loss, saved, grads = step(ours.train())
+    assert calls == [0.1, 0.1]
+    again, _, grads_again = step(ours)
+    assert torch.equal(loss, again) and all(torch.equal(a, b) for a, b in zip(grads, grads_again))
+    assert all(g.abs().sum() > 0 for g in grads)
+    _, saved_peft, _ = step(ref.train())
+    assert saved < saved_peft
+    with torch.no_grad():
+        evaluated = output(ours.eval(), IDS)
+        assert not torch.equal(loss_of(evaluated), loss)
+        assert_close(evaluated, output(ref.eval(), IDS), what="eval outputs")
+    assert calls[-1] == 0.0
 
 
 @pytest.mark.parametrize("pad", [None, "right"])

@@ -7,11 +7,14 @@
 //     their log-sum-exp. The prefix segment is one batched GEMM per batch row over the query heads against the
 //     shared prefix (repeated over the G heads of a kv head, never over rows), the sequence segment ATen's products
 //     over blocks of query rows with a transient score block each.
+// Attention dropout (AttentionDropout, prefix_attention.h) drops the same elements of the probabilities on every path:
+// the dense path scales its probability blocks by keep masks drawn on the CPU (it is the fallback).
 // The output is written in SDPA's layout, so no relayout copies are made around the op. Backward recomputes the
 // probabilities from the saved merged LSE (FlashAttention's formulas with D = rowsum(dO o O)); the prefix gradients
 // are reduced over the batch.
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/empty.h>
@@ -21,6 +24,7 @@
 #include <ATen/ops/logsumexp.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/randint.h>
 #include <ATen/ops/repeat_interleave.h>
 #include <ATen/ops/sub.h>
 #include <ATen/ops/sum.h>
@@ -32,8 +36,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <vector>
 
 #include "../common/checks.h"
+#include "../common/cpu/row_pass.h"
+#include "../common/dropout.h"
 #include "prefix_attention.h"
 
 namespace peftops::prefix {
@@ -81,6 +88,16 @@ Shapes shapes(const Tensor& q, const Tensor& k, const Tensor& pk, std::optional<
   Shapes s{q.size(0), q.size(1), k.size(1), q.size(1) / k.size(1), q.size(2), k.size(2), pk.size(-2), q.size(3), 0.0};
   s.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(s.D));
   return s;
+}
+
+// The internal ops are reachable as torch.ops.peftops.*: a dropout needs one int64 seed on q's device.
+void check_seed(const AttentionDropout& drop, const Tensor& q) {
+  TORCH_CHECK_VALUE(drop.p >= 0.0 && drop.p < 1.0, "prefix_attention: dropout_p must be in [0, 1), got ", drop.p);
+  if (!drop.active()) return;
+  TORCH_CHECK_VALUE(drop.seed->numel() == 1 && drop.seed->scalar_type() == at::kLong &&
+                        drop.seed->device() == q.device(),
+                    "prefix_attention: the dropout seed must be one int64 on ", q.device(), ", got ",
+                    drop.seed->numel(), " ", drop.seed->scalar_type(), " on ", drop.seed->device());
 }
 
 // The sequence segment is taken in blocks of query rows, so its transient scores are [B, Hq, rows, keys] rather than
@@ -164,6 +181,29 @@ Tensor per_kv_head(const Tensor& t, const Shapes& s) {
   return t.view(sizes).sum(-3);
 }
 
+// The dense path's dropout, its seed read on the host.
+Dropout dense_dropout(const AttentionDropout& drop) {
+  return drop.active() ? make_dropout(drop.p, drop.seed->cpu()) : Dropout{};
+}
+
+// The keep scales (0 or 1 / (1 - p)) of query rows [l0, l0 + rows) and keys [c0, c0 + cols) of the [B, Hq, L, P + S]
+// probabilities, [B, Hq, rows, cols] with `like`'s dtype and device; undefined without dropout. Drawn on the CPU.
+Tensor keep_scales(const Dropout& d, const Shapes& s, int64_t l0, int64_t rows, int64_t c0, int64_t cols,
+                   const Tensor& like) {
+  if (!d.active) return Tensor();
+  auto keep = at::empty({s.B, s.Hq, rows, cols}, at::TensorOptions().dtype(at::kDouble));
+  double* out = keep.data_ptr<double>();
+  const int64_t keys = s.P + s.S;
+  at::parallel_for(0, s.B * s.Hq * rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> row(keys);
+    for (int64_t n = begin; n < end; ++n) {  // n = (b * Hq + hq) * rows + r
+      peftops::cpu::row_keep(d, (n / rows) * s.L + l0 + n % rows, keys, row.data());
+      std::copy(row.begin() + c0, row.begin() + c0 + cols, out + n * cols);
+    }
+  });
+  return keep.to(like.options());
+}
+
 // alpha * a w per query head: a [B, Hq, L, X] (any strides: attention's transposed q and dO are read in place), w
 // [Hq, X, Y] shared by the batch (or [B, Hq, X, Y] per row) -> [B, Hq, L, Y]. A shared prefix is read as it is by
 // one batched GEMM per batch row: no copy of it per row and no relayout of a. (alpha = 0 is multiplied out: BLAS
@@ -189,7 +229,8 @@ Tensor head_reduce(const Tensor& a, const Tensor& c, const Shapes& s, bool per_r
 // Sequence segment: (o [B, Hq, L, D], lse [B, Hq, L] in the accumulation type, -inf where no key is visible), block
 // by block of query rows.
 std::tuple<Tensor, Tensor> sequence_attention(const Tensor& q, const Tensor& k, const Tensor& v,
-                                              const OptTensor& attn_mask, bool is_causal, const Shapes& s) {
+                                              const OptTensor& attn_mask, bool is_causal, const Shapes& s,
+                                              const Dropout& drop) {
   const auto acc = at::toOpMathType(q.scalar_type());
   auto o = at::zeros({s.B, s.Hq, s.L, s.D}, q.options().dtype(acc));
   auto lse = at::full({s.B, s.Hq, s.L}, -kInf, o.options());
@@ -202,7 +243,11 @@ std::tuple<Tensor, Tensor> sequence_attention(const Tensor& q, const Tensor& k, 
     const auto vis = block_visible(s, attn_mask, is_causal, b, q);
     if (vis.defined()) z.masked_fill_(vis.logical_not(), -kInf);  // a hidden NaN score is hidden, as in softmax
     auto lse_b = at::logsumexp(z, {-1});
-    const auto o_b = at::matmul(at::exp(z.sub_(lse_b.unsqueeze(-1))).nan_to_num_(0.0), va.narrow(2, 0, b.reach));
+    auto p_b = at::exp(z.sub_(lse_b.unsqueeze(-1))).nan_to_num_(0.0);
+    if (const auto keep = keep_scales(drop, s, b.l0, b.rows, s.P, b.reach, p_b); keep.defined()) {
+      p_b.mul_(keep.view(p_b.sizes()));
+    }
+    const auto o_b = at::matmul(p_b, va.narrow(2, 0, b.reach));
     if (vis.defined()) lse_b.masked_fill_(vis.any(-1).logical_not(), -kInf);
     o.narrow(2, b.l0, b.rows).copy_(o_b.view({s.B, s.Hq, b.rows, s.D}));
     lse.narrow(2, b.l0, b.rows).copy_(lse_b.view({s.B, s.Hq, b.rows}));
@@ -212,25 +257,31 @@ std::tuple<Tensor, Tensor> sequence_attention(const Tensor& q, const Tensor& k, 
 
 std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                                     const Tensor& pk, const Tensor& pv, const OptTensor& attn_mask,
-                                                    bool is_causal, std::optional<double> scale) {
+                                                    bool is_causal, std::optional<double> scale, double dropout_p,
+                                                    const OptTensor& seed) {
   check_inputs(q, k, v, pk, pv, attn_mask, scale);
   const auto s = shapes(q, k, pk, scale);
+  const AttentionDropout drop{dropout_p, seed};
+  check_seed(drop, q);
   switch (path_for(q)) {
     case Path::cpu_kernel:
-      return cpu::forward(q, k, v, pk, pv, attn_mask, is_causal, s);
+      return cpu::forward(q, k, v, pk, pv, attn_mask, is_causal, s, drop);
 #ifdef PEFTOPS_WITH_CUDA
     case Path::cuda_kernel:
-      return cuda::forward(q, k, v, pk, pv, attn_mask, is_causal, s);
+      return cuda::forward(q, k, v, pk, pv, attn_mask, is_causal, s, drop);
 #endif
     default:
       break;
   }
   const auto acc = at::toOpMathType(q.scalar_type());
+  const auto dense_drop = dense_dropout(drop);
   // prefix segment, every key visible: per batch row, one batched GEMM over the query heads against the shared prefix
   auto p = head_gemm(q.to(acc), per_query_head(pk.to(acc), s).transpose(-1, -2), s, s.scale);
   const auto lse_p = at::logsumexp(p, {-1});
-  const auto o_p = head_gemm(p.sub_(lse_p.unsqueeze(-1)).exp_(), per_query_head(pv.to(acc), s), s);
-  const auto [o_s, lse_s] = sequence_attention(q, k, v, attn_mask, is_causal, s);
+  p.sub_(lse_p.unsqueeze(-1)).exp_();
+  if (const auto keep = keep_scales(dense_drop, s, 0, s.L, 0, s.P, p); keep.defined()) p.mul_(keep);
+  const auto o_p = head_gemm(p, per_query_head(pv.to(acc), s), s);
+  const auto [o_s, lse_s] = sequence_attention(q, k, v, attn_mask, is_causal, s, dense_drop);
   // merge by log-sum-exp; a segment with no visible key has lse = -inf and weight 0. The output is laid out as
   // [B, L, Hq, D] in memory, as SDPA's, so that attention's transpose back to [B, L, Hq * D] is free.
   const auto lse = at::logaddexp(lse_p, lse_s);
@@ -242,10 +293,13 @@ std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tenso
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk, const Tensor& pv,
-    const Tensor& out, const Tensor& lse, const OptTensor& attn_mask, bool is_causal, std::optional<double> scale) {
+    const Tensor& out, const Tensor& lse, const OptTensor& attn_mask, bool is_causal, std::optional<double> scale,
+    double dropout_p, const OptTensor& seed) {
   // an internal op, but reachable as torch.ops.peftops.*: the kernels index out, grad_out and lse by q's shape
   check_inputs(q, k, v, pk, pv, attn_mask, scale);
   const auto s = shapes(q, k, pk, scale);
+  const AttentionDropout drop{dropout_p, seed};
+  check_seed(drop, q);
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "prefix_attention_backward: grad_out "
                     "and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
   check_like(grad_out, q, "prefix_attention_backward", "grad_out", "q");
@@ -257,10 +311,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
                     lse.scalar_type());
   switch (path_for(q)) {
     case Path::cpu_kernel:
-      return cpu::backward(grad_out, q, k, v, pk, pv, out, lse, attn_mask, is_causal, s);
+      return cpu::backward(grad_out, q, k, v, pk, pv, out, lse, attn_mask, is_causal, s, drop);
 #ifdef PEFTOPS_WITH_CUDA
     case Path::cuda_kernel:
-      return cuda::backward(grad_out, q, k, v, pk, pv, out, lse, attn_mask, is_causal, s);
+      return cuda::backward(grad_out, q, k, v, pk, pv, out, lse, attn_mask, is_causal, s, drop);
 #endif
     default:
       break;
@@ -274,8 +328,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
   const auto delta = at::mul(doa, out.to(acc)).sum(-1, true);
   const auto pk_q = per_query_head(pk.to(acc), s), pv_q = per_query_head(pv.to(acc), s);
   const auto p = head_gemm(qa, pk_q.transpose(-1, -2), s, s.scale).sub_(lse.unsqueeze(-1)).exp_();
-  const auto dz = head_gemm(doa, pv_q.transpose(-1, -2), s).sub_(delta).mul_(p);
-  const auto dpv = per_kv_head(head_reduce(p, doa, s, per_row), s);
+  const auto dense_drop = dense_dropout(drop);
+  const auto keep_p = keep_scales(dense_drop, s, 0, s.L, 0, s.P, p);
+  auto dp = head_gemm(doa, pv_q.transpose(-1, -2), s);  // the dropped probabilities' gradient, then the undropped's
+  if (keep_p.defined()) dp.mul_(keep_p);
+  const auto dz = dp.sub_(delta).mul_(p);
+  const auto dpv = per_kv_head(head_reduce(keep_p.defined() ? p.mul(keep_p) : p, doa, s, per_row), s);
   const auto dpk = per_kv_head(head_reduce(dz, qa, s, per_row, s.scale), s);
   auto dq = head_gemm(dz, pk_q, s, s.scale);  // [B, Hq, L, D], contiguous
   // sequence segment, block by block of query rows: dV and dK accumulate over the blocks that reach each key
@@ -291,8 +349,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
     auto zs = at::matmul(qb, kb.transpose(-1, -2)).mul_(s.scale);
     if (vis.defined()) zs.masked_fill_(vis.logical_not(), -kInf);
     const auto ps = at::exp(zs.sub_(block_rows(lse.unsqueeze(-1), s, b)));
-    dv.narrow(2, 0, b.reach).add_(at::matmul(ps.transpose(-1, -2), dob));
-    auto dzs = ps.mul(at::matmul(dob, vb.transpose(-1, -2)).sub_(block_rows(delta, s, b))).mul_(s.scale);
+    auto dps = at::matmul(dob, vb.transpose(-1, -2));
+    const auto keep = keep_scales(dense_drop, s, b.l0, b.rows, s.P, b.reach, ps);
+    if (keep.defined()) dps.mul_(keep.view(ps.sizes()));
+    dv.narrow(2, 0, b.reach).add_(at::matmul((keep.defined() ? ps.mul(keep.view(ps.sizes())) : ps).transpose(-1, -2),
+                                             dob));
+    auto dzs = ps.mul(dps.sub_(block_rows(delta, s, b))).mul_(s.scale);
     if (vis.defined()) dzs.masked_fill_(vis.logical_not(), 0.0);  // a hidden key's NaN value stays hidden (0 * NaN)
     dq.narrow(2, b.l0, b.rows).add_(at::matmul(dzs, kb).view({s.B, s.Hq, b.rows, s.D}));
     dk.narrow(2, 0, b.reach).add_(at::matmul(dzs.transpose(-1, -2), qb));
@@ -303,24 +365,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
 }
 
 Tensor prefix_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk, const Tensor& pv,
-                        const OptTensor& attn_mask, bool is_causal, std::optional<double> scale) {
+                        const OptTensor& attn_mask, bool is_causal, std::optional<double> scale, double dropout_p,
+                        bool training) {
   check_inputs(q, k, v, pk, pv, attn_mask, scale);
+  check_dropout_p(dropout_p, training, "prefix_attention", "dropout_p");
+  OptTensor seed;  // one int64 from torch's generator for q's device (as SDPA's dropout draws from it)
+  if (training && dropout_p > 0.0) {
+    seed = at::randint(std::numeric_limits<int64_t>::max(), {}, q.options().dtype(at::kLong));
+  }
   static auto forward = c10::Dispatcher::singleton()
                             .findSchemaOrThrow("peftops::prefix_attention_forward", "")
                             .typed<decltype(prefix_attention_forward)>();
-  return std::get<0>(forward.call(q, k, v, pk, pv, attn_mask, is_causal, scale));
+  return std::get<0>(forward.call(q, k, v, pk, pv, attn_mask, is_causal, scale, seed ? dropout_p : 0.0, seed));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(peftops, m) {
   m.def("prefix_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, *, Tensor? attn_mask=None, "
-        "bool is_causal=False, float? scale=None) -> Tensor");
-  // out, and the merged log-sum-exp [B, Hq, L] (float32; float64 for float64 inputs) saved for backward.
+        "bool is_causal=False, float? scale=None, float dropout_p=0.0, bool training=True) -> Tensor");
+  // out, and the merged log-sum-exp [B, Hq, L] (float32; float64 for float64 inputs) saved for backward; the
+  // attention dropout's seed (one int64 on q's device) is the composite's draw, saved for backward.
   m.def("prefix_attention_forward(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? attn_mask, "
-        "bool is_causal, float? scale) -> (Tensor out, Tensor lse)");
+        "bool is_causal, float? scale, float dropout_p, Tensor? seed) -> (Tensor out, Tensor lse)");
   m.def("prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
-        "Tensor out, Tensor lse, Tensor? attn_mask, bool is_causal, float? scale) -> "
+        "Tensor out, Tensor lse, Tensor? attn_mask, bool is_causal, float? scale, float dropout_p, Tensor? seed) -> "
         "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_prefix_k, Tensor grad_prefix_v)");
 }
 

@@ -1,6 +1,6 @@
 """Prefix tuning in adapter mode: every self-attention layer attends to its own trainable prefix keys and values
-through `ops.prefix_attention` (the prefix is shared by the batch: never expanded, copied or put in a cache). The op
-has no attention-probability dropout, so a layer that trains with it runs SDPA over the concatenation, as peft does.
+through `ops.prefix_attention` (the prefix is shared by the batch: never expanded, copied or put in a cache),
+attention dropout included.
 
 Hooked into transformers through its attention-function registry (Llama, GPT-2, BERT in transformers 5.x, and any
 family whose attention calls `ALL_ATTENTION_FUNCTIONS`): the model's `_attn_implementation` becomes "peftops_prefix",
@@ -151,21 +151,6 @@ def _mask_is_causal(allowed, padding, causal: bool) -> bool:
                      "attention mask is neither (packed sequences, sliding windows, a static cache?)")
 
 
-def _materialised(q, k, v, pk, pv, padding, causal, scale, dropout):
-    """Attention dropout needs the probabilities, which the op never forms: SDPA over the concatenation instead."""
-    B, Hkv, S, _ = k.shape
-    L, P, rep = q.shape[2], pk.shape[-2], q.shape[1] // Hkv
-    keys, values = (torch.cat([p.expand(B, -1, -1, -1), t], 2).repeat_interleave(rep, 1)
-                    for p, t in ((pk, k), (pv, v)))
-    allowed = torch.ones(B, 1, L, S, dtype=torch.bool, device=q.device)
-    if padding is not None:
-        allowed = allowed & padding[:, None, None, :]
-    if causal:
-        allowed = allowed & torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)
-    allowed = torch.cat([allowed.new_ones(B, 1, L, P), allowed], -1)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, dropout_p=dropout, scale=scale)
-
-
 def prefix_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                              **kwargs):
     """transformers' attention-function signature: q [B, Hq, L, D], k, v [B, Hkv, S, D] -> ([B, L, Hq, D], None)."""
@@ -188,10 +173,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, dropout=
     if torch.compiler.is_compiling():  # the mask cannot be read while tracing: the module says whether it is causal
         causal = getattr(module, "is_causal", causal)
     padding, causal = _padding_and_causal(attention_mask, query.shape[0], query.shape[2], key.shape[2], causal)
-    if dropout > 0.0:
-        out = _materialised(query, key, value, pk, pv, padding, causal, scaling, dropout)
-    else:
-        out = ops.prefix_attention(query, key, value, pk, pv, attn_mask=padding, is_causal=causal, scale=scaling)
+    out = ops.prefix_attention(query, key, value, pk, pv, attn_mask=padding, is_causal=causal, scale=scaling,
+                               dropout_p=float(dropout))  # transformers passes 0 outside training
     return out.transpose(1, 2).contiguous(), None
 
 

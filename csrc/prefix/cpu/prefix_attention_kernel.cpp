@@ -5,7 +5,9 @@
 // key, so most of the masked half of the sequence scores is never computed (ATen's flash kernel computes whole
 // blocks of up to 512 keys, the whole square at L = 512). The products are the vendor GEMMs on views; the softmax
 // and the backward's elementwise step are vectorised here. Backward recomputes each block from the saved LSE and
-// reduces the shared prefix's gradients over the batch in per-thread accumulators. (As with any kernel that skips
+// reduces the shared prefix's gradients over the batch in per-thread accumulators. Attention dropout scales each row
+// of probabilities by its keep mask after the softmax (the LSE stays the undropped one's), and in backward the row's
+// dO V^T before the score gradient, with D = rowsum(dO o O) unchanged (O the dropped output). (As with any kernel that skips
 // masked keys, a NaN in a value that a row cannot see reaches the row only when the row's block computes that key:
 // softmax over the materialised keys, 0 * NaN, would spread it to every row.)
 #include "../prefix_attention.h"
@@ -25,8 +27,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "../../common/cpu/row_pass.h"
+#include "../../common/dropout.h"
 #include "../visible.h"
 
 namespace peftops::prefix::cpu {
@@ -145,8 +149,29 @@ T dot(const T* a, const T* b, int64_t n) {
                                      [](const Vec<T>& x, const Vec<T>& y) { return x + y; }, a, b, n);
 }
 
+// The keep scales (0 or 1 / (1 - p)) of one row of the [B, Hq, L, P + S] probabilities, in keep[0:P + S], or null
+// without dropout.
+template <typename T>
+const T* dropout_row(const Dropout& d, int64_t row, int64_t keys, std::vector<T>& keep) {
+  if (!d.active) return nullptr;
+  keep.resize(keys);
+  peftops::cpu::row_keep(d, row, keys, keep.data());
+  return keep.data();
+}
+
+template <typename T>
+void scale_by(T* z, const T* keep, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) z[j] *= keep[j];
+}
+
 // The prefix of batch row b and kv head h: shared ([Hkv, P, D]) or per row ([B, Hkv, P, D]).
 Tensor prefix_of(const Tensor& t, int64_t b, int64_t h) { return t.dim() == 4 ? t[b][h] : t[h]; }
+
+// A shared prefix in the compute type once for every batch row (a 16-bit one is converted once, not per row); a
+// per-row prefix as it is (each unit converts its own).
+Tensor shared_in(const Tensor& prefix, at::ScalarType acc) {
+  return prefix.dim() == 3 ? as_rows(prefix, acc) : prefix;
+}
 
 const bool* mask_data(const std::optional<Tensor>& mask, Tensor& holder) {
   if (!mask.has_value() || !mask->defined()) return nullptr;
@@ -156,19 +181,21 @@ const bool* mask_data(const std::optional<Tensor>& mask, Tensor& holder) {
 
 template <typename T>
 void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk, const Tensor& pv,
-                  const Visible& vis, const Shapes& s, const Tensor& out, const Tensor& lse) {
+                  const Visible& vis, const Shapes& s, const Dropout& drop, const Tensor& out, const Tensor& lse) {
   const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
   const T scale = static_cast<T>(s.scale);
   T* lse_data = lse.data_ptr<T>();
+  const auto pk_all = shared_in(pk, acc), pv_all = shared_in(pv, acc);
   const at::ThreadLocalState caller;  // see in_callers_state
   at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard in_callers_state(caller);
     const Tensor z = at::empty({std::min(kRows, s.L), s.P + s.S}, q.options().dtype(acc));
     T* zd = z.data_ptr<T>();
+    std::vector<T> keep;
     for (int64_t unit = begin; unit < end; ++unit) {
       const auto b = unit / s.Hkv, h = unit % s.Hkv;
       const auto k_u = as_rows(k[b][h], acc), v_u = as_rows(v[b][h], acc);
-      const auto pk_u = as_rows(prefix_of(pk, b, h), acc), pv_u = as_rows(prefix_of(pv, b, h), acc);
+      const auto pk_u = as_rows(prefix_of(pk_all, b, h), acc), pv_u = as_rows(prefix_of(pv_all, b, h), acc);
       for (int64_t hq = h * s.G; hq < (h + 1) * s.G; ++hq) {
         const auto q_u = as_rows(q[b][hq], acc), out_u = out[b][hq];
         T* lse_row = lse_data + (b * s.Hq + hq) * s.L;
@@ -180,6 +207,7 @@ void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
             T* zr = zd + i * z.stride(0);
             scale_and_hide(zr, s.P, n, vis.end(l0 + i), vis.row(b), scale);
             lse_row[l0 + i] = softmax_row(zr, n);
+            if (const T* kept = dropout_row(drop, (b * s.Hq + hq) * s.L + l0 + i, s.P + s.S, keep)) scale_by(zr, kept, n);
           }
           through_keys(out_u.narrow(0, l0, rows), zb, pv_u, v_u, kc);
         }
@@ -191,21 +219,24 @@ void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
 template <typename T>
 void backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk,
                    const Tensor& pv, const Tensor& out, const Tensor& lse, const Visible& vis, const Shapes& s,
-                   const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dpk, const Tensor& dpv) {
+                   const Dropout& drop, const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dpk,
+                   const Tensor& dpv) {
   const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
   const T scale = static_cast<T>(s.scale);
   const T* lse_data = lse.data_ptr<T>();
   const bool per_row = pk.dim() == 4;
+  const auto pk_all = shared_in(pk, acc), pv_all = shared_in(pv, acc);
   const at::ThreadLocalState caller;
   at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard in_callers_state(caller);
     const at::TensorOptions opts = q.options().dtype(acc);
     const Tensor z = at::empty({std::min(kRows, s.L), s.P + s.S}, opts), dz = at::empty_like(z);
     T *zd = z.data_ptr<T>(), *dzd = dz.data_ptr<T>();
+    std::vector<T> keep;
     for (int64_t unit = begin; unit < end; ++unit) {
       const auto b = unit / s.Hkv, h = unit % s.Hkv;
       const auto k_u = as_rows(k[b][h], acc), v_u = as_rows(v[b][h], acc);
-      const auto pk_u = as_rows(prefix_of(pk, b, h), acc), pv_u = as_rows(prefix_of(pv, b, h), acc);
+      const auto pk_u = as_rows(prefix_of(pk_all, b, h), acc), pv_u = as_rows(prefix_of(pv_all, b, h), acc);
       // the shared prefix's gradients: this thread's own accumulator ([slots, Hkv, P, D])
       const auto dpk_u = per_row ? dpk[b][h] : dpk[peftops::cpu::thread_slot(dpk.size(0))][h];
       const auto dpv_u = per_row ? dpv[b][h] : dpv[peftops::cpu::thread_slot(dpv.size(0))][h];
@@ -222,10 +253,13 @@ void backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k, con
           against_keys(zb, q_rows, pk_u, k_u, kc);     // the scores again
           against_keys(dzb, do_rows, pv_u, v_u, kc);   // dP = dO [prefix_v | v]^T
           for (int64_t i = 0, l = l0; i < rows; ++i, ++l) {
-            T* zr = zd + i * z.stride(0);
+            T *zr = zd + i * z.stride(0), *dpr = dzd + i * dz.stride(0);
             scale_and_hide(zr, s.P, n, vis.end(l), vis.row(b), scale);
             const T delta = dot(do_data + l * do_u.stride(0), o_data + l * o_u.stride(0), s.D);
-            score_grad_row(zr, dzd + i * dz.stride(0), n, lse_row[l], delta, scale);
+            const T* kept = dropout_row(drop, (b * s.Hq + hq) * s.L + l, s.P + s.S, keep);
+            if (kept) scale_by(dpr, kept, n);  // the dropped probabilities' gradient
+            score_grad_row(zr, dpr, n, lse_row[l], delta, scale);
+            if (kept) scale_by(zr, kept, n);  // the dropped probabilities, for dV
           }
           through_keys(dq_u.narrow(0, l0, rows), dzb, pk_u, k_u, kc);  // dQ = dS [prefix_k | k]
           gemm(dpk_u, dzb.narrow(1, 0, s.P).t(), q_rows, true);        // dK = dS^T Q, dV = P^T dO
@@ -240,6 +274,8 @@ void backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k, con
   });
 }
 
+Dropout dropout(const AttentionDropout& drop) { return make_dropout(drop.active() ? drop.p : 0.0, drop.seed); }
+
 // [B, H, n, D] laid out as [B, n, H, D] (SDPA's layout), zeroed or not.
 Tensor sdpa_layout(const Tensor& like, int64_t H, int64_t n, at::ScalarType dtype, bool zeroed) {
   const auto opts = like.options().dtype(dtype);
@@ -251,7 +287,7 @@ Tensor sdpa_layout(const Tensor& like, int64_t H, int64_t n, at::ScalarType dtyp
 
 std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk,
                                    const Tensor& pv, const std::optional<Tensor>& attn_mask, bool is_causal,
-                                   const Shapes& s) {
+                                   const Shapes& s, const AttentionDropout& drop) {
   const auto acc = at::toOpMathType(q.scalar_type());
   Tensor mask_holder;
   const Visible vis{s.L, s.S, is_causal, mask_data(attn_mask, mask_holder)};
@@ -259,7 +295,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
   const auto out = sdpa_layout(q, s.Hq, s.L, acc, false);
   const auto lse = at::empty({s.B, s.Hq, s.L}, q.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "prefix_attention_cpu_forward",
-                             [&] { forward_impl<scalar_t>(q, k, v, pk, pv, vis, s, out, lse); });
+                             [&] { forward_impl<scalar_t>(q, k, v, pk, pv, vis, s, dropout(drop), out, lse); });
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -267,7 +303,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_o
                                                             const Tensor& v, const Tensor& pk, const Tensor& pv,
                                                             const Tensor& out, const Tensor& lse,
                                                             const std::optional<Tensor>& attn_mask, bool is_causal,
-                                                            const Shapes& s) {
+                                                            const Shapes& s, const AttentionDropout& drop) {
   const auto acc = at::toOpMathType(q.scalar_type());
   Tensor mask_holder;
   const Visible vis{s.L, s.S, is_causal, mask_data(attn_mask, mask_holder)};
@@ -279,7 +315,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_o
   const auto opts = q.options().dtype(acc);
   const auto dpk = at::zeros(prefix_grad_shape, opts), dpv = at::zeros(prefix_grad_shape, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "prefix_attention_cpu_backward", [&] {
-    backward_impl<scalar_t>(grad_out, q, k, v, pk, pv, out, lse.to(acc).contiguous(), vis, s, dq, dk, dv, dpk, dpv);
+    backward_impl<scalar_t>(grad_out, q, k, v, pk, pv, out, lse.to(acc).contiguous(), vis, s, dropout(drop), dq, dk,
+                            dv, dpk, dpv);
   });
   const auto dt = q.scalar_type();
   const auto reduce = [&](const Tensor& g) { return (pk.dim() == 3 ? g.sum(0) : g).to(dt).contiguous(); };

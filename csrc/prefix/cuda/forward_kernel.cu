@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int d = 0; d < kD; ++d) o[d] = 0;
   acc_t m = -inf, sum = 0;
   bool nan = false;  // a visible NaN score makes the row NaN, as softmax does
-  for_each_visible_key<kD>(a, b, h, l0, l, [&](const acc_t* k_j, const acc_t* v_j) {
+  for_each_visible_key<kD>(a, b, h, l0, l, [&](int64_t j, const acc_t* k_j, const acc_t* v_j) {
     const acc_t z = dot(qr, k_j) * scale;
     if (z != z) nan = true;
     if (z != z || z == -inf) return;  // weight 0 (a NaN row is made NaN at the end)
@@ -34,8 +34,8 @@ __global__ void __launch_bounds__(kThreads)
       m = z;
     }
     const acc_t p = exp_of(z - m);
-    sum += p;
-    axpy(o, p, v_j);
+    sum += p;  // the normaliser of the undropped probabilities; the output takes the dropped ones
+    axpy(o, p * keep_of(a, b, hq, l, j), v_j);
   });
   if (!active) return;
   const bool finite = !nan && m > -inf && m < inf;

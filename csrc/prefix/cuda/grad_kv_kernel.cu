@@ -7,8 +7,8 @@
 namespace peftops::prefix::cuda {
 namespace {
 
-// Backward, per key of [prefix | sequence]: dv_j = sum p dO and dk_j = scale sum ds q over the query rows (of the G
-// query heads of kv head h) that see key j. Sequence keys go to dk, dv; prefix keys to per-batch-row partials
+// Backward, per key of [prefix | sequence]: dv_j = sum keep p dO and dk_j = scale sum ds q over the query rows (of
+// the G query heads of kv head h) that see key j, ds = p (keep dO . v_j - delta), keep the attention dropout's scale. Sequence keys go to dk, dv; prefix keys to per-batch-row partials
 // [B, Hkv, P, D] in acc_t. Grid (key blocks, Hkv, B).
 template <typename scalar_t, int kD>
 __global__ void __launch_bounds__(kThreads)
@@ -50,8 +50,9 @@ __global__ void __launch_bounds__(kThreads)
         const bool finite = row_lse > -inf && row_lse < inf;
         const acc_t p = finite ? exp_of(dot(kr, qs + i * kD) * scale - row_lse) : nan_of<acc_t>();
         if (p == acc_t(0)) continue;
-        axpy(gv, p, dos + i * kD);
-        axpy(gk, p * (dot(vr, dos + i * kD) - delta_s[i]) * scale, qs + i * kD);
+        const acc_t keep = keep_of(a, b, hq, r0 + i, j);
+        axpy(gv, p * keep, dos + i * kD);
+        axpy(gk, p * (keep * dot(vr, dos + i * kD) - delta_s[i]) * scale, qs + i * kD);
       }
     }
   }

@@ -7,8 +7,8 @@
 namespace peftops::prefix::cuda {
 namespace {
 
-// Backward, per query row: dq = scale sum_j ds_j k_j with ds_j = p_j (dO . v_j - delta), delta = dO . O (written out
-// for the key kernel). Grid (row blocks, Hq, B).
+// Backward, per query row: dq = scale sum_j ds_j k_j with ds_j = p_j (keep_j dO . v_j - delta), delta = dO . O
+// (written out for the key kernel), keep_j the attention dropout's scale (1 without). Grid (row blocks, Hq, B).
 template <typename scalar_t, int kD>
 __global__ void __launch_bounds__(kThreads)
     grad_q_kernel(Operands<scalar_t> a, Strided<const scalar_t> dout, Strided<const scalar_t> out,
@@ -27,10 +27,10 @@ __global__ void __launch_bounds__(kThreads)
   const bool finite = row_lse > -inf && row_lse < inf;  // else every p is NaN, as the forward's row was
 #pragma unroll
   for (int d = 0; d < kD; ++d) g[d] = 0;
-  for_each_visible_key<kD>(a, b, h, l0, l, [&](const acc_t* k_j, const acc_t* v_j) {
+  for_each_visible_key<kD>(a, b, h, l0, l, [&](int64_t j, const acc_t* k_j, const acc_t* v_j) {
     const acc_t p = finite ? exp_of(dot(qr, k_j) * scale - row_lse) : nan_of<acc_t>();
     if (p == acc_t(0)) return;  // a key whose p underflows adds nothing (nor a NaN from its value)
-    axpy(g, p * (dot(dor, v_j) - dlt) * scale, k_j);
+    axpy(g, p * (keep_of(a, b, hq, l, j) * dot(dor, v_j) - dlt) * scale, k_j);
   });
   if (!active) return;
   delta[at_row] = dlt;

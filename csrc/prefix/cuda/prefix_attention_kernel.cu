@@ -5,7 +5,8 @@
 // block's threads share are staged in shared memory in float32, zero-padded to the head-dim bucket kD so that every
 // loop over the head dim is unrolled into registers (keys and rows go one at a time, which keeps the code small). No
 // [L, P + S] matrix exists, forward or backward: backward recomputes p = exp(z - lse) from the saved merged LSE
-// (FlashAttention's formulas), and the shared prefix's gradients are per-batch-row partials summed once. CUDA cores,
+// (FlashAttention's formulas), and the shared prefix's gradients are per-batch-row partials summed once. Attention
+// dropout draws each (row, key) element's keep from the shared Philox where it is used (keep_of). CUDA cores,
 // not tensor cores: a first tiled kernel, checked on a GPU against the reference and against the dense path
 // (PEFTOPS_PREFIX_DENSE=1), which float64 also takes.
 #include <ATen/Dispatch.h>
@@ -46,7 +47,8 @@ void with_head_dim_bucket(int64_t D, F&& f) {
 
 template <typename scalar_t>
 Operands<scalar_t> operands(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk, const Tensor& pv,
-                            const Visible& vis, const Shapes& s) {
+                            const Visible& vis, const Shapes& s, const AttentionDropout& drop) {
+  const bool dropping = drop.active();
   return {strided(q, q.const_data_ptr<scalar_t>()),
           strided(k, k.const_data_ptr<scalar_t>()),
           strided(v, v.const_data_ptr<scalar_t>()),
@@ -57,7 +59,10 @@ Operands<scalar_t> operands(const Tensor& q, const Tensor& k, const Tensor& v, c
           s.G,
           s.P,
           s.D,
-          s.scale};
+          s.scale,
+          dropping ? drop.seed->const_data_ptr<int64_t>() : nullptr,
+          dropping ? dropout_threshold(drop.p) : 0u,
+          dropping ? 1.0 / (1.0 - drop.p) : 1.0};
 }
 
 // [B, H, n, D] laid out as [B, n, H, D] (SDPA's layout, which the fake kernels promise).
@@ -82,7 +87,7 @@ const bool* mask_data(const std::optional<Tensor>& mask, Tensor& holder) {
 
 std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk,
                                    const Tensor& pv, const std::optional<Tensor>& attn_mask, bool is_causal,
-                                   const Shapes& s) {
+                                   const Shapes& s, const AttentionDropout& drop) {
   c10::cuda::CUDAGuard guard(q.device());
   Tensor mask_holder;
   const Visible vis{s.L, s.S, is_causal, mask_data(attn_mask, mask_holder)};
@@ -92,7 +97,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
   AT_DISPATCH_SWITCH(q.scalar_type(), "prefix_attention_cuda_forward", PEFTOPS_PREFIX_CASES([&] {
     with_head_dim_bucket(s.D, [&](auto kD) {
       launch_forward<scalar_t, decltype(kD)::value>(grid(s.L, s.Hq, s.B), c10::cuda::getCurrentCUDAStream(),
-                                                    operands<scalar_t>(q, k, v, pk, pv, vis, s),
+                                                    operands<scalar_t>(q, k, v, pk, pv, vis, s, drop),
                                                     strided(out, out.data_ptr<scalar_t>()),
                                                     lse.data_ptr<acc_of<scalar_t>>());
     });
@@ -104,7 +109,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_o
                                                             const Tensor& v, const Tensor& pk, const Tensor& pv,
                                                             const Tensor& out, const Tensor& lse,
                                                             const std::optional<Tensor>& attn_mask, bool is_causal,
-                                                            const Shapes& s) {
+                                                            const Shapes& s, const AttentionDropout& drop) {
   c10::cuda::CUDAGuard guard(q.device());
   Tensor mask_holder;
   const Visible vis{s.L, s.S, is_causal, mask_data(attn_mask, mask_holder)};
@@ -121,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_o
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_SWITCH(q.scalar_type(), "prefix_attention_cuda_backward", PEFTOPS_PREFIX_CASES([&] {
       using acc_t = acc_of<scalar_t>;
-      const auto a = operands<scalar_t>(q, k, v, pk, pv, vis, s);
+      const auto a = operands<scalar_t>(q, k, v, pk, pv, vis, s, drop);
       const auto dout = strided(grad_out, grad_out.const_data_ptr<scalar_t>());
       with_head_dim_bucket(s.D, [&](auto kD) {
         constexpr int D = decltype(kD)::value;

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "../../common/philox.h"
 #include "../visible.h"
 
 namespace peftops::prefix::cuda {
@@ -41,6 +42,10 @@ struct Operands {
   Visible vis;
   int64_t Hkv, G, P, D;
   double scale;
+  // attention dropout (prefix_attention.h): the seed on the device (null: none), and its threshold and keep scale
+  const int64_t* seed;
+  uint32_t threshold;
+  double keep_scale;
 };
 
 __device__ __forceinline__ float exp_of(float x) { return expf(x); }
@@ -92,6 +97,21 @@ __device__ __forceinline__ void stage(acc_t* dst, int n, int64_t D, At at) {
   }
 }
 
+// The attention dropout's scale of key j of [prefix | sequence] for query row l of query head hq: 1 without dropout,
+// else 0 or 1 / (1 - p), by the Philox of element (b, hq, l, j) of [B, Hq, L, P + S], as on the CPU.
+template <typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> keep_of(const Operands<scalar_t>& a, int64_t b, int64_t hq,
+                                                             int64_t l, int64_t j) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (a.seed == nullptr) return acc_t(1);
+  Dropout d;
+  d.seed = static_cast<uint64_t>(*a.seed);
+  d.threshold = a.threshold;
+  const uint64_t row = static_cast<uint64_t>((b * a.G * a.Hkv + hq) * a.vis.L + l);
+  return d.keep(row * static_cast<uint64_t>(a.P + a.vis.S) + static_cast<uint64_t>(j)) ? static_cast<acc_t>(a.keep_scale)
+                                                                                        : acc_t(0);
+}
+
 // Element d of key j of batch row b and kv head h in [prefix | sequence], each read through its own strides.
 template <typename scalar_t>
 __device__ __forceinline__ scalar_t key_at(const Strided<const scalar_t>& prefix, const Strided<const scalar_t>& seq,
@@ -104,7 +124,7 @@ using acc_of = at::opmath_type<scalar_t>;
 
 // The query-row kernels' walk over the keys (forward and dq): the block stages, tile by tile, the keys
 // [prefix | sequence] that its rows [l0, l0 + kThreads) reach, and the thread of row l (if l < L) visits those its row
-// sees, visit(k_j, v_j) on the staged rows. Every thread of the block takes part in the staging and its barriers.
+// sees, visit(j, k_j, v_j) on the staged rows. Every thread of the block takes part in the staging and its barriers.
 template <int kD, typename scalar_t, typename Visit>
 __device__ __forceinline__ void for_each_visible_key(const Operands<scalar_t>& a, int64_t b, int64_t h, int64_t l0,
                                                      int64_t l, Visit&& visit) {
@@ -122,7 +142,7 @@ __device__ __forceinline__ void for_each_visible_key(const Operands<scalar_t>& a
 #pragma unroll 1
     for (int i = 0; i < n; ++i) {  // one key at a time: the code stays small (fast to compile) and in registers
       const int64_t j = t0 + i;
-      if (j < a.P || a.vis.sees(b, l, j - a.P)) visit(ks + i * kD, vs + i * kD);
+      if (j < a.P || a.vis.sees(b, l, j - a.P)) visit(j, ks + i * kD, vs + i * kD);
     }
   }
 }
