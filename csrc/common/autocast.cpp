@@ -2,10 +2,11 @@
 // the autocast dtype as nn.Linear and SDPA do: their floating-point tensor arguments are cast once (through
 // autocast's weight cache), then the op runs below autocast, so the ATen products inside the kernels are not cast
 // again (the kernels keep their own float32 accumulation). bias_dropout_add, an elementwise epilogue, and
-// adapter_bottleneck, whose output is its residual plus a small update (PyTorch's `residual + up(...)` is float32 for a
-// float32 residual stream), follow autocast's promote policy (their operands to their widest floating type: a bottleneck
-// over a float32 stream runs in float32, at the cost of its two [tokens, d] x [d, m] products). The internal ops only
-// run below autocast, untouched: a backward called inside an autocast region must not have its products cast.
+// adapter_bottleneck, whose output is its residual plus a small update (PyTorch's `residual + up(...)` is float32 for
+// a float32 residual stream), follow autocast's promote policy (their operands to their widest floating type: a
+// bottleneck over a float32 stream runs in float32, at the cost of its two [tokens, d] x [d, m] products). The
+// internal ops only run below autocast, untouched: a backward called inside an autocast region must not have its
+// products cast.
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DispatchKeySet.h>

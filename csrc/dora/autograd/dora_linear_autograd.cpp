@@ -24,7 +24,8 @@ class DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> 
                              const at::Tensor&, const at::Tensor&, double, double, const OptTensor&)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, z, t, norm] = op.call(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed);
-    ctx->save_for_backward({x, weight_for_dx(weight, x), lora_a, lora_b, magnitude, z, t, norm, seed.value_or(at::Tensor())});
+    ctx->save_for_backward(
+        {x, weight_for_dx(weight, x), lora_a, lora_b, magnitude, z, t, norm, seed.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();

@@ -7,9 +7,9 @@
 // and the backward's elementwise step are vectorised here. Backward recomputes each block from the saved LSE and
 // reduces the shared prefix's gradients over the batch in per-thread accumulators. Attention dropout scales each row
 // of probabilities by its keep mask after the softmax (the LSE stays the undropped one's), and in backward the row's
-// dO V^T before the score gradient, with D = rowsum(dO o O) unchanged (O the dropped output). (As with any kernel that skips
-// masked keys, a NaN in a value that a row cannot see reaches the row only when the row's block computes that key:
-// softmax over the materialised keys, 0 * NaN, would spread it to every row.)
+// dO V^T before the score gradient, with D = rowsum(dO o O) unchanged (O the dropped output). (As with any kernel that
+// skips masked keys, a NaN in a value that a row cannot see reaches the row only when the row's block computes that
+// key: softmax over the materialised keys, 0 * NaN, would spread it to every row.)
 #include "../prefix_attention.h"
 
 #include <ATen/Dispatch.h>
@@ -207,7 +207,8 @@ void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
             T* zr = zd + i * z.stride(0);
             scale_and_hide(zr, s.P, n, vis.end(l0 + i), vis.row(b), scale);
             lse_row[l0 + i] = softmax_row(zr, n);
-            if (const T* kept = dropout_row(drop, (b * s.Hq + hq) * s.L + l0 + i, s.P + s.S, keep)) scale_by(zr, kept, n);
+            const T* kept = dropout_row(drop, (b * s.Hq + hq) * s.L + l0 + i, s.P + s.S, keep);
+            if (kept) scale_by(zr, kept, n);
           }
           through_keys(out_u.narrow(0, l0, rows), zb, pv_u, v_u, kc);
         }

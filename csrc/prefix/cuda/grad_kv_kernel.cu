@@ -8,8 +8,9 @@ namespace peftops::prefix::cuda {
 namespace {
 
 // Backward, per key of [prefix | sequence]: dv_j = sum keep p dO and dk_j = scale sum ds q over the query rows (of
-// the G query heads of kv head h) that see key j, ds = p (keep dO . v_j - delta), keep the attention dropout's scale. Sequence keys go to dk, dv; prefix keys to per-batch-row partials
-// [B, Hkv, P, D] in acc_t. Grid (key blocks, Hkv, B).
+// the G query heads of kv head h) that see key j, ds = p (keep dO . v_j - delta), keep the attention dropout's scale
+// (1 without). Sequence keys go to dk, dv; prefix keys to per-batch-row partials [B, Hkv, P, D] in acc_t. Grid (key
+// blocks, Hkv, B).
 template <typename scalar_t, int kD>
 __global__ void __launch_bounds__(kThreads)
     grad_kv_kernel(Operands<scalar_t> a, Strided<const scalar_t> dout, const at::opmath_type<scalar_t>* lse,

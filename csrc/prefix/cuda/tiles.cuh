@@ -108,8 +108,8 @@ __device__ __forceinline__ at::opmath_type<scalar_t> keep_of(const Operands<scal
   d.seed = static_cast<uint64_t>(*a.seed);
   d.threshold = a.threshold;
   const uint64_t row = static_cast<uint64_t>((b * a.G * a.Hkv + hq) * a.vis.L + l);
-  return d.keep(row * static_cast<uint64_t>(a.P + a.vis.S) + static_cast<uint64_t>(j)) ? static_cast<acc_t>(a.keep_scale)
-                                                                                        : acc_t(0);
+  const uint64_t index = row * static_cast<uint64_t>(a.P + a.vis.S) + static_cast<uint64_t>(j);
+  return d.keep(index) ? static_cast<acc_t>(a.keep_scale) : acc_t(0);
 }
 
 // Element d of key j of batch row b and kv head h in [prefix | sequence], each read through its own strides.
