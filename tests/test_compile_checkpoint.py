@@ -129,12 +129,31 @@ def test_checkpointing_regenerates_the_same_masks(reentrant):
     loss, grads = _loss_and_grads(model, ids)
     model.gradient_checkpointing_enable({"use_reentrant": reentrant})
     assert model.model.gradient_checkpointing
-    if reentrant:  # on transformers 4.x nothing reaches the adapters otherwise (as with peft); see the next test
-        model.enable_input_require_grads()
     loss_ckpt, grads_ckpt = _loss_and_grads(model, ids)
     torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")
+@pytest.mark.parametrize("technique", TECHNIQUES)
+def test_checkpointing_switched_on_after_patching_trains_the_adapters(technique):
+    # the Trainer's gradient_checkpointing=True switches it on after patching: while patched, the model's switch also
+    # makes the embeddings' output require grad (as AdapterHub's models do), else reentrant checkpointing (4.x's
+    # default) passes nothing back to the adapters
+    model = peftops.patch(tiny_llama(), _config(technique, 0.0)).train()
+    import pickle
+    pickle.loads(pickle.dumps(model))  # the switch, while patched, pickles with the model
+    ids = batches()[0]
+    loss, grads = _loss_and_grads(model, ids)
+    model.gradient_checkpointing_enable({"use_reentrant": True})
+    loss_ckpt, grads_ckpt = _loss_and_grads(model, ids)
+    assert grads and grads_ckpt.keys() == grads.keys()
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    peftops.unpatch(model)
+    assert "gradient_checkpointing_enable" not in model.__dict__
 
 
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")

@@ -329,8 +329,9 @@ def _autocast_cases():
 @pytest.mark.parametrize("name", list(_autocast_cases()))
 def test_every_op_under_cpu_autocast(name, backward_inside):
     # As nn.Linear and SDPA: the linear and attention ops run in the autocast dtype (their operands cast once), the
-    # elementwise bias_dropout_add promotes; the kernels' own products are not cast again, in forward or in a backward
-    # run inside the autocast region; gradients reach the float32 leaves in float32.
+    # elementwise bias_dropout_add and the residual-adding adapter_bottleneck promote (float32 operands stay float32);
+    # the kernels' own products are not cast again, in forward or in a backward run inside the autocast region;
+    # gradients reach the float32 leaves in float32.
     torch.manual_seed(0)
     expected = _autocast_cases()[name]()
     torch.manual_seed(0)
@@ -341,7 +342,7 @@ def test_every_op_under_cpu_autocast(name, backward_inside):
             y.float().square().sum().backward()
     if not backward_inside:
         y.float().square().sum().backward()
-    assert y.dtype == (torch.float32 if name == "bias_dropout_add" else torch.bfloat16)
+    assert y.dtype == (torch.float32 if name in ("bias_dropout_add", "adapter_bottleneck") else torch.bfloat16)
     torch.testing.assert_close(y.float(), expected.float(), rtol=0.05, atol=0.05 * expected.abs().max().item())
 
 

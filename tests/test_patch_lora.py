@@ -450,3 +450,26 @@ def test_all_linear_says_what_it_leaves_of_fused_moe_experts():
         warnings.simplefilter("always")
         peftops.patch(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     assert any("fused MoE expert weights" in str(w.message) for w in caught) == fused
+
+
+def test_a_tied_lm_head_target_declares_the_tie(tmp_path):
+    # GPT-2's head is tied to its input embeddings: wrapped, its weight is declared tied under its new name, so that
+    # save_pretrained keeps one copy (transformers refuses undeclared shared tensors); patching warns, as peft does,
+    # that merging into it would change the embeddings too
+    def patched():
+        with pytest.warns(UserWarning, match="lm_head's weight is tied to transformer.wte.weight"):
+            return peftops.patch(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn", "lm_head"]))
+
+    model = patched()
+    assert model.lm_head.base_layer.weight is model.transformer.wte.weight
+    randomize_lora(model)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.base_layer.weight" not in saved and "transformer.wte.weight" in saved
+    again = patched()
+    assert again.load_state_dict(saved, strict=False).missing_keys == ["lm_head.base_layer.weight"]
+    ids = input_ids()
+    assert torch.equal(output(again, ids), output(model, ids))
+    with pytest.warns(UserWarning, match="changes transformer.wte.weight too"):
+        peftops.merge(model)

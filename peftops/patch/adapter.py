@@ -1,4 +1,6 @@
 """Adapter mode: peftops layers (LoRA, IA3) inserted in place of the targeted modules of a plain model."""
+import functools
+import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -87,22 +89,44 @@ def _keep_off_fast_paths(model: nn.Module, names: list) -> list:
     return flags
 
 
+# transformers' methods that turn checkpointing on (5.x's name, and 4.x's, which 5.x keeps deprecated)
+_ENABLE_CHECKPOINTING = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+
+
 def freeze(model: nn.Module) -> list:
     """Freezes every parameter; returns [(name, parameter, requires_grad before)] for restore_flags. With transformers'
-    checkpointing already on, the embeddings' output is made to require grad, as peft does when it wraps such a model:
-    reentrant checkpointing (4.x's default) would otherwise pass no gradient to the adapters."""
+    checkpointing on, the embeddings' output is made to require grad: reentrant checkpointing (4.x's default) would
+    otherwise pass no gradient to the adapters. peft does so when it wraps a model whose checkpointing is on already;
+    checkpointing turned on later (the Trainer's `gradient_checkpointing=True`) does it too while the model is patched,
+    as AdapterHub's models do."""
     flags = [(n, p, p.requires_grad) for n, p in model.named_parameters(remove_duplicate=False)]
     for p in model.parameters():
         p.requires_grad_(False)
     checkpointing = getattr(model, "is_activation_checkpointing", None)  # 5.x's name; 4.x's warns on 5.x
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
+        _embeddings_require_grad(model)
+    for name in _ENABLE_CHECKPOINTING:
+        if callable(getattr(type(model), name, None)) and name not in model.__dict__:
+            setattr(model, name, functools.partial(_enable_checkpointing, name, model))
+    return flags
+
+
+def _enable_checkpointing(name: str, model: nn.Module, *args, **kwargs):
+    """The model's own checkpointing switch, then the embeddings' hook (see freeze); a partial in the instance's
+    __dict__ while patched (it pickles)."""
+    result = getattr(type(model), name)(model, *args, **kwargs)
+    _embeddings_require_grad(model)
+    return result
+
+
+def _embeddings_require_grad(model: nn.Module) -> None:
     embeddings = _input_embeddings(model)
-    if checkpointing and embeddings is not None and not any(
+    if embeddings is not None and not any(
             getattr(h, "__name__", None) in ("make_inputs_require_grads", _outputs_require_grad.__name__)
             for h in embeddings._forward_hooks.values()):  # transformers' own may be there already
         embeddings.register_forward_hook(_outputs_require_grad)
-    return flags
 
 
 def _outputs_require_grad(module, inputs, output):
@@ -120,10 +144,14 @@ def _input_embeddings(model: nn.Module):
 def restore_flags(model: nn.Module, flags: list):
     """After unpatching has put every module back where it was: by name, so that parameters replaced since
     (model.to("meta"), load_state_dict(assign=True)) get their flags back too, else (a module the user replaced or
-    wrapped since) by the parameter itself. freeze's embeddings hook goes too."""
+    wrapped since) by the parameter itself. freeze's embeddings hook and checkpointing switches go too."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, param, flag in flags:
         params.get(name, param).requires_grad_(flag)
+    for name in _ENABLE_CHECKPOINTING:
+        switch = model.__dict__.get(name)
+        if isinstance(switch, functools.partial) and switch.func is _enable_checkpointing:
+            del model.__dict__[name]
     embeddings = _input_embeddings(model)
     if embeddings is not None:
         for key in [k for k, h in embeddings._forward_hooks.items() if h is _outputs_require_grad]:
@@ -135,9 +163,25 @@ def _insert(model: nn.Module, config, adapter_name: str, layers: dict) -> list:
     flags = freeze(model)
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
+    _declare_ties(model, layers)
     model.__dict__[STATE_ATTR] = PatchState(config, adapter_name, list(layers), flags,
                                             nested_tensor_flags=_keep_off_fast_paths(model, list(layers)))
     return list(layers.values())
+
+
+def _declare_ties(model: nn.Module, layers: dict) -> None:
+    """A wrapped layer whose weight is another module's too (an LM head tied to the input embeddings) declares the
+    tie under its new name, as transformers' models declare theirs, so that save_pretrained keeps one copy. Merging
+    into a tied weight changes both modules, as in peft, which warns about it as this does."""
+    names = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    for name, layer in layers.items():
+        tied = [n for n in names.get(id(getattr(layer.base_layer, "weight", None)), []) if not n.startswith(name + ".")]
+        if tied:
+            layer._tied_weights_keys = {"base_layer.weight": tied[0]}
+            warnings.warn(f"peftops: {name}'s weight is tied to {tied[0]}; merging the adapter into it would change "
+                          f"{tied[0]} too", stacklevel=5)
 
 
 def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Module:
@@ -181,6 +225,9 @@ def unpatch_layers(model: nn.Module, merge: bool = False) -> nn.Module:
     for name in state.layer_names:
         layer = model.get_submodule(name)
         if merge:
+            if "_tied_weights_keys" in layer.__dict__:
+                warnings.warn(f"peftops: merging {name} into its weight changes "
+                              f"{layer._tied_weights_keys['base_layer.weight']} too, whose weight it is", stacklevel=3)
             layer.merge()
         _set_submodule(model, name, layer.base_layer)
     restore_flags(model, state.requires_grad)
