@@ -67,11 +67,16 @@ class PrefixConfig:
     num_virtual_tokens: int = 20
     prefix_projection: bool = False  # as peft: prefixes come out of a two-layer MLP (tanh) over virtual tokens
     encoder_hidden_size: "int | None" = None  # that MLP's hidden size; None: the prefix width per layer (peft's)
+    # A layer that trains with attention dropout (GPT-2, BERT): False runs SDPA over the concatenated prefix and keys
+    # with torch's dropout, as peft does (its numbers under one seed); True drops inside ops.prefix_attention with the
+    # counter-based mask (no concatenation, less memory; other masks than torch's)
+    fused_attention_dropout: bool = False
 
     def __post_init__(self):
         _positive_int("num_virtual_tokens", self.num_virtual_tokens)
-        if not isinstance(self.prefix_projection, bool):
-            raise ValueError(f"prefix_projection must be a bool, got {self.prefix_projection!r}")
+        for name in ("prefix_projection", "fused_attention_dropout"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.encoder_hidden_size is not None:
             _positive_int("encoder_hidden_size", self.encoder_hidden_size)
 

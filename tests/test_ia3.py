@@ -12,7 +12,7 @@ import peftops
 from ia3_helpers import ia3_pair, ours_to_peft_name, peft_ia3_config, randomize_ia3, with_random_biases
 from peftops import IA3Config
 from peftops.layers import Ia3Linear
-from tiny_models import (BUILDERS, assert_close, input_ids, loss_of, output, outputs_match_then_backward, tiny_bert,
+from tiny_models import (BUILDERS, assert_close, input_ids, output, outputs_match_then_backward, tiny_bert,
                          tiny_llama)
 
 peft = pytest.importorskip("peft")
@@ -228,30 +228,27 @@ def test_backend_save_pretrained_and_unpatch(tmp_path):
     assert torch.equal(output(ours, ids), output(ref, ids))
 
 
-def test_backend_over_a_bf16_base_casts_the_float32_vectors(op_calls):
-    # peft keeps IA3 vectors in float32 over a bf16 base and multiplies in float32; the fused op takes them cast to
-    # bf16, as adapter mode does, which agrees to bf16 rounding
+def test_backend_mixed_dtypes_fall_back_with_one_warning(op_calls):
+    # peft keeps IA3 vectors in float32 over a bf16 base and rounds its float32 product once; the fused op, one dtype
+    # throughout, cannot, so peft's forward runs (exactly peft's numbers); under autocast the op runs
     ref = peft.get_peft_model(tiny_llama().to(torch.bfloat16), peft.IA3Config())
     assert ref.base_model.model.model.layers[0].self_attn.k_proj.ia3_l["default"].dtype == torch.float32
     randomize_ia3(ref)
     ours = copy.deepcopy(ref)
     peftops.patch(ours)
     ids = input_ids()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = [output(ours, ids) for _ in range(2)][0]
+    messages = [str(w.message) for w in caught if "peftops" in str(w.message)]
+    assert len(messages) == 1 and "dtypes" in messages[0] and not op_calls
+    assert torch.equal(out, output(ref, ids))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = output(ours, ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output(ours, ids)
     layers = [m for m in ours.modules() if isinstance(m, peft.tuners.ia3.layer.Linear)]
     assert len(op_calls) == len(layers) > 0
-    expected = output(ref, ids)
-    torch.testing.assert_close(out.float(), expected.float(), rtol=0.02, atol=0.02)
-    loss_of(out).backward()
-    loss_of(expected).backward()
-    ref_params = dict(ref.named_parameters())
-    for name, p in ours.named_parameters():
-        if p.requires_grad:
-            assert p.grad.dtype == torch.float32
-            want = ref_params[name].grad
-            assert (p.grad - want).norm() <= 0.03 * want.norm(), name
 
 
 # Adapter files in peft's format -------------------------------------------------------------------------------

@@ -254,17 +254,36 @@ def _with_attention_dropout(name):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert"])
-def test_attention_dropout_runs_in_the_op(name, monkeypatch):
-    # GPT-2 and BERT train with attention dropout by default: the op drops the probabilities itself (no concatenated
-    # keys and values, no batch-fold prefix), reproducibly under torch.manual_seed, so it keeps less than peft, which
-    # concatenates; in evaluation nothing is dropped and the model is peft's
+def test_attention_dropout_by_default_is_peft_s_under_one_seed(name):
+    # GPT-2 and BERT train with attention dropout by default: by default that runs as peft's (SDPA over the
+    # concatenation, torch's dropout), so training gives peft's numbers under one seed
+    task = "CAUSAL_LM" if name == "gpt2" else "FEATURE_EXTRACTION"
+    ref = peft.get_peft_model(_with_attention_dropout(name), peft.PrefixTuningConfig(task_type=task,
+                                                                                     num_virtual_tokens=P)).train()
+    ours = peftops.patch(_with_attention_dropout(name), peftops.PrefixConfig(P)).train()
+    with torch.no_grad():
+        ref.prompt_encoder["default"].embedding.weight.copy_(pf.to_peft_layout(pf.prefixes(ours, state(ours))))
+    torch.manual_seed(1)
+    got = output(ours, IDS)
+    torch.manual_seed(1)
+    expected = output(ref, IDS)
+    assert_close(got, expected, what="train-mode outputs")
+    torch.manual_seed(2)
+    assert not torch.allclose(output(ours, IDS), got)  # dropout is on
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_fused_attention_dropout_runs_in_the_op(name, monkeypatch):
+    # with fused_attention_dropout the op drops the probabilities itself (no concatenated keys and values, no
+    # batch-fold prefix), reproducibly under torch.manual_seed, so it keeps less than peft, which concatenates; in
+    # evaluation nothing is dropped and the model is peft's
     calls = []
     fused = peftops.ops.prefix_attention
     monkeypatch.setattr(peftops.ops, "prefix_attention", lambda *a, **k: calls.append(k["dropout_p"]) or fused(*a, **k))
     task = "CAUSAL_LM" if name == "gpt2" else "FEATURE_EXTRACTION"
     ref = peft.get_peft_model(_with_attention_dropout(name), peft.PrefixTuningConfig(task_type=task,
                                                                                      num_virtual_tokens=P))
-    ours = peftops.patch(_with_attention_dropout(name), peftops.PrefixConfig(P))
+    ours = peftops.patch(_with_attention_dropout(name), peftops.PrefixConfig(P, fused_attention_dropout=True))
     with torch.no_grad():
         ref.prompt_encoder["default"].embedding.weight.copy_(pf.to_peft_layout(pf.prefixes(ours, state(ours))))
 

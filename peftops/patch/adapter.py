@@ -1,5 +1,6 @@
 """Adapter mode: peftops layers (LoRA, IA3) inserted in place of the targeted modules of a plain model."""
 import functools
+import inspect
 import warnings
 from dataclasses import dataclass, field
 
@@ -89,7 +90,7 @@ def _keep_off_fast_paths(model: nn.Module, names: list) -> list:
     return flags
 
 
-# transformers' methods that turn checkpointing on (5.x's name, and 4.x's, which 5.x keeps deprecated)
+# transformers' method that turns checkpointing on: 5.x's name, or 4.x's (which 5.x keeps, deprecated, calling 5.x's)
 _ENABLE_CHECKPOINTING = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
 
 
@@ -107,9 +108,13 @@ def freeze(model: nn.Module) -> list:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
     if checkpointing:
         _embeddings_require_grad(model)
-    for name in _ENABLE_CHECKPOINTING:
-        if callable(getattr(type(model), name, None)) and name not in model.__dict__:
-            setattr(model, name, functools.partial(_enable_checkpointing, name, model))
+    for name in _ENABLE_CHECKPOINTING:  # the first the model has: 5.x's (its deprecated alias calls it), or 4.x's
+        if callable(getattr(type(model), name, None)):
+            if name not in model.__dict__:
+                switch = functools.partial(_enable_checkpointing, name, model)
+                switch.__signature__ = inspect.signature(getattr(model, name))  # (peft inspects its keywords)
+                setattr(model, name, switch)
+            break
     return flags
 
 

@@ -1,12 +1,13 @@
 """Backend mode for peft IA3: a peft `ia3.Linear` layer's forward computed by peftops.ops.ia3_linear.
 
 Follows peft's `Linear.forward`: disabled or merged adapters run the base alone (peft's code, which also unmerges);
-several active adapters multiply their vectors. Vectors kept in float32 over a 16-bit base (peft's
-autocast_adapter_dtype) are cast to the base's dtype, as in adapter mode: peft multiplies in float32 and rounds the
-product, the op rounds the vector first (a difference within the 16-bit rounding)."""
+several active adapters multiply their vectors. peft multiplies by vectors of their own dtype (float32 over a 16-bit
+base, its autocast_adapter_dtype) and rounds the product once, which the fused op, one dtype throughout, cannot: such
+layers run peft's forward (with one warning), except under autocast, where the op casts everything to autocast's
+dtype as it does for nn.Linear."""
 
 from .. import ops
-from ..layers.wrapped import base_weight, cast_to
+from ..layers.wrapped import base_weight
 from .backend import base_reason, warn_once
 from .forwards import call_original, one_dtype_for_ops
 
@@ -16,11 +17,10 @@ def _fallback_reason(module, x, args, kwargs, active):
     if reason is not None:
         return reason
     base = module.base_layer
-    tensors = [base.weight] + ([base.bias] if base.bias is not None else [])
-    if not x.is_floating_point() or not one_dtype_for_ops(x, *tensors):
-        return "an input and base weights of different dtypes (outside autocast)"
-    if not all(module.ia3_l[n].is_floating_point() for n in active):
-        return "IA3 vectors that are not floating point"
+    tensors = [base.weight] + ([base.bias] if base.bias is not None else []) + [module.ia3_l[n] for n in active]
+    if not x.is_floating_point() or not all(t.is_floating_point() for t in tensors) or \
+            not one_dtype_for_ops(x, *tensors):
+        return "an input, base weight and IA3 vectors of different dtypes (outside autocast)"
     return None
 
 
@@ -39,5 +39,4 @@ def fused_forward(self, x, *args, **kwargs):
         for name in active[1:]:
             scale = scale * self.ia3_l[name].flatten()
     base = self.base_layer
-    return ops.ia3_linear(x, base_weight(base), base.bias, cast_to(scale, base.weight.dtype),
-                          feedforward=self.is_feedforward)
+    return ops.ia3_linear(x, base_weight(base), base.bias, scale, feedforward=self.is_feedforward)

@@ -1,6 +1,7 @@
 """Prefix tuning in adapter mode: every self-attention layer attends to its own trainable prefix keys and values
-through `ops.prefix_attention` (the prefix is shared by the batch: never expanded, copied or put in a cache),
-attention dropout included.
+through `ops.prefix_attention` (the prefix is shared by the batch: never expanded, copied or put in a cache). A layer
+that trains with attention dropout runs SDPA over the concatenation, as peft does (its numbers under one seed), or,
+with PrefixConfig(fused_attention_dropout=True), drops inside the op with the counter-based mask.
 
 Hooked into transformers through its attention-function registry (Llama, GPT-2, BERT in transformers 5.x, and any
 family whose attention calls `ALL_ATTENTION_FUNCTIONS`): the model's `_attn_implementation` becomes "peftops_prefix",
@@ -15,6 +16,7 @@ writes its files): the prefix of layer l is rows 2l (keys) and 2l+1 (values) of 
 because peft puts the prefix in the KV cache, positions are shifted by P (`_shift_positions`): a model numbers its
 tokens after what its cache holds, BERT's absolute positions as a causal LM's."""
 import copy
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -34,6 +36,7 @@ ATTN_NAME = "peftops_prefix"
 KEY, VALUE = "peftops_prefix_key", "peftops_prefix_value"  # per-layer parameters [Hkv, P, D] on attention modules
 ENCODER = "peftops_prefix_encoder"  # the projection MLP (prefix_projection=True), a submodule of the model
 _LAYER = "_peftops_prefix_layer"  # attention module -> (layer index, encoder or None), outside its submodules
+_FUSED_DROPOUT = "_peftops_prefix_fused_dropout"  # attention module -> PrefixConfig.fused_attention_dropout
 
 
 @dataclass
@@ -151,6 +154,21 @@ def _mask_is_causal(allowed, padding, causal: bool) -> bool:
                      "attention mask is neither (packed sequences, sliding windows, a static cache?)")
 
 
+def _materialised(q, k, v, pk, pv, padding, causal, scale, dropout):
+    """SDPA over the concatenated prefix and keys, with torch's attention dropout: peft's computation, RNG included."""
+    B, Hkv, S, _ = k.shape
+    L, P, rep = q.shape[2], pk.shape[-2], q.shape[1] // Hkv
+    keys, values = (torch.cat([p.expand(B, -1, -1, -1), t], 2).repeat_interleave(rep, 1)
+                    for p, t in ((pk, k), (pv, v)))
+    allowed = torch.ones(B, 1, L, S, dtype=torch.bool, device=q.device)
+    if padding is not None:
+        allowed = allowed & padding[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)
+    allowed = torch.cat([allowed.new_ones(B, 1, L, P), allowed], -1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, dropout_p=dropout, scale=scale)
+
+
 def prefix_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                              **kwargs):
     """transformers' attention-function signature: q [B, Hq, L, D], k, v [B, Hkv, S, D] -> ([B, L, Hq, D], None)."""
@@ -173,8 +191,11 @@ def prefix_attention_forward(module, query, key, value, attention_mask, dropout=
     if torch.compiler.is_compiling():  # the mask cannot be read while tracing: the module says whether it is causal
         causal = getattr(module, "is_causal", causal)
     padding, causal = _padding_and_causal(attention_mask, query.shape[0], query.shape[2], key.shape[2], causal)
-    out = ops.prefix_attention(query, key, value, pk, pv, attn_mask=padding, is_causal=causal, scale=scaling,
-                               dropout_p=float(dropout))  # transformers passes 0 outside training
+    if dropout > 0.0 and not module.__dict__.get(_FUSED_DROPOUT, False):  # (transformers passes 0 outside training)
+        out = _materialised(query, key, value, pk, pv, padding, causal, scaling, dropout)
+    else:
+        out = ops.prefix_attention(query, key, value, pk, pv, attn_mask=padding, is_causal=causal, scale=scaling,
+                                   dropout_p=float(dropout))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -365,6 +386,7 @@ def patch_prefix(model: nn.Module, config: PrefixConfig, adapter_name: str) -> n
     for index, (_, module) in enumerate(found):
         module.__dict__[_LAYER] = (index, encoder)
         module.__dict__[KEY + "_heads"] = num_kv
+        module.__dict__[_FUSED_DROPOUT] = config.fused_attention_dropout
         if encoder is None:  # peft's init: its nn.Embedding is N(0, 1)
             for name in (KEY, VALUE):
                 module.register_parameter(name, nn.Parameter(torch.randn(num_kv, P, head_dim, dtype=dtype,
@@ -403,7 +425,7 @@ def merge_prefix(model: nn.Module) -> nn.Module:
         module.register_parameter(KEY, nn.Parameter(k))
         module.register_parameter(VALUE, nn.Parameter(v))
     delattr(model, ENCODER)
-    state.config = PrefixConfig(state.config.num_virtual_tokens)
+    state.config = dataclasses.replace(state.config, prefix_projection=False, encoder_hidden_size=None)
     return model
 
 
@@ -411,7 +433,7 @@ def unpatch_prefix(model: nn.Module) -> nn.Module:
     state = model.__dict__.pop(STATE_ATTR)
     for name in state.attention_names:
         module = model.get_submodule(name)
-        for attr in (_LAYER, KEY + "_heads"):
+        for attr in (_LAYER, KEY + "_heads", _FUSED_DROPOUT):
             module.__dict__.pop(attr, None)
         for attr in (KEY, VALUE):
             module._parameters.pop(attr, None)
