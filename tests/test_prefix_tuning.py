@@ -391,7 +391,8 @@ def test_mask_that_is_not_padding_is_refused():
 
 @pytest.mark.parametrize("kwargs,field", [(dict(num_virtual_tokens=0), "num_virtual_tokens"),
                                           (dict(prefix_projection=1), "prefix_projection"),
-                                          (dict(encoder_hidden_size=0), "encoder_hidden_size")])
+                                          (dict(encoder_hidden_size=0), "encoder_hidden_size"),
+                                          (dict(fused_attention_dropout=1), "fused_attention_dropout")])
 def test_bad_config_values(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}\b"):
         peftops.PrefixConfig(**kwargs)
