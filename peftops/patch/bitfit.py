@@ -103,10 +103,13 @@ def _sublayer(block_part, residual, dropout, *args, **kwargs):
 def _gpt2_block_forward(self, *args, **kwargs):
     """GPT2Block's forward (transformers 4.57 or 5: one signature read at patch time) with each sublayer's residual add
     fused into its output dropout; cross-attention and returned attention weights run the block's own forward."""
-    signature, returns_tuple = self.__dict__[_BLOCK_API]
-    named = signature.bind(self, *args, **kwargs).arguments
-    extra = named.pop("kwargs", {})
-    if named.get("encoder_hidden_states") is not None or named.get("output_attentions"):
+    names, positional, takes_kwargs, returns_tuple = self.__dict__[_BLOCK_API]
+    # Signature.bind by hand: dynamo before torch 2.1x does not trace it (a graph break per block)
+    named, extra = dict(zip(names, args)), {}
+    for key, value in kwargs.items():
+        (named if key in names else extra)[key] = value
+    if len(args) > positional or (extra and not takes_kwargs) or named.get("encoder_hidden_states") is not None or \
+            named.get("output_attentions"):
         return call_original(self, *args, **kwargs)
     hidden = named.pop("hidden_states")
     attn_args = {k: v for k, v in named.items() if k not in ("self", "encoder_hidden_states", "encoder_attention_mask")}
@@ -136,10 +139,13 @@ def _gpt2_blocks(model: nn.Module) -> list:
 
 
 def _block_api(block: nn.Module):
-    """(the block forward's signature, whether it returns a tuple): transformers 4.57's takes output_attentions and
-    returns (hidden_states, ...); 5's returns the hidden states."""
-    signature = inspect.signature(type(block).forward)
-    return signature, "output_attentions" in signature.parameters
+    """(the block forward's parameter names after self, how many of them come positionally, whether it takes
+    **kwargs, whether it returns a tuple): transformers 4.57's takes output_attentions and returns (hidden_states,
+    ...); 5's returns the hidden states."""
+    parameters = list(inspect.signature(type(block).forward).parameters.values())[1:]
+    names = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    positional = sum(p.kind == p.POSITIONAL_OR_KEYWORD for p in parameters)
+    return names, positional, any(p.kind == p.VAR_KEYWORD for p in parameters), "output_attentions" in names
 
 
 def _fused_output_classes() -> tuple:
