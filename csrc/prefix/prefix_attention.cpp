@@ -44,6 +44,11 @@
 #include "prefix_attention.h"
 
 namespace peftops::prefix {
+
+Dropout host_dropout(const AttentionDropout& drop) {
+  return drop.active() ? make_dropout(drop.p, drop.seed->cpu()) : Dropout{};
+}
+
 namespace {
 
 using Tensor = at::Tensor;
@@ -181,11 +186,6 @@ Tensor per_kv_head(const Tensor& t, const Shapes& s) {
   return t.view(sizes).sum(-3);
 }
 
-// The dense path's dropout, its seed read on the host.
-Dropout dense_dropout(const AttentionDropout& drop) {
-  return drop.active() ? make_dropout(drop.p, drop.seed->cpu()) : Dropout{};
-}
-
 // The keep scales (0 or 1 / (1 - p)) of query rows [l0, l0 + rows) and keys [c0, c0 + cols) of the [B, Hq, L, P + S]
 // probabilities, [B, Hq, rows, cols] with `like`'s dtype and device; undefined without dropout. Drawn on the CPU.
 Tensor keep_scales(const Dropout& d, const Shapes& s, int64_t l0, int64_t rows, int64_t c0, int64_t cols,
@@ -274,7 +274,7 @@ std::tuple<Tensor, Tensor> prefix_attention_forward(const Tensor& q, const Tenso
       break;
   }
   const auto acc = at::toOpMathType(q.scalar_type());
-  const auto dense_drop = dense_dropout(drop);
+  const auto dense_drop = host_dropout(drop);
   // prefix segment, every key visible: per batch row, one batched GEMM over the query heads against the shared prefix
   auto p = head_gemm(q.to(acc), per_query_head(pk.to(acc), s).transpose(-1, -2), s, s.scale);
   const auto lse_p = at::logsumexp(p, {-1});
@@ -328,7 +328,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_backward(
   const auto delta = at::mul(doa, out.to(acc)).sum(-1, true);
   const auto pk_q = per_query_head(pk.to(acc), s), pv_q = per_query_head(pv.to(acc), s);
   const auto p = head_gemm(qa, pk_q.transpose(-1, -2), s, s.scale).sub_(lse.unsqueeze(-1)).exp_();
-  const auto dense_drop = dense_dropout(drop);
+  const auto dense_drop = host_dropout(drop);
   const auto keep_p = keep_scales(dense_drop, s, 0, s.L, 0, s.P, p);
   auto dp = head_gemm(doa, pv_q.transpose(-1, -2), s);  // the dropped probabilities' gradient, then the undropped's
   if (keep_p.defined()) dp.mul_(keep_p);

@@ -6,6 +6,8 @@
 #include <optional>
 #include <tuple>
 
+#include "../common/philox.h"
+
 namespace peftops::prefix {
 
 struct Shapes {
@@ -21,6 +23,10 @@ struct AttentionDropout {
   std::optional<at::Tensor> seed;
   bool active() const { return p > 0.0 && seed.has_value() && seed->defined(); }
 };
+
+// The dropout with its seed read on the host, for the CPU kernel and the dense path (the CUDA kernels read the seed
+// on the device): an inactive Dropout when there is none.
+Dropout host_dropout(const AttentionDropout& drop);
 
 // out [B, Hq, L, D] laid out as SDPA's [B, L, Hq, D], and the log-sum-exp [B, Hq, L] over every visible key
 // (float; double for double inputs).

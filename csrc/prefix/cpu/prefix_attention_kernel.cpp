@@ -275,8 +275,6 @@ void backward_impl(const Tensor& grad_out, const Tensor& q, const Tensor& k, con
   });
 }
 
-Dropout dropout(const AttentionDropout& drop) { return make_dropout(drop.active() ? drop.p : 0.0, drop.seed); }
-
 // [B, H, n, D] laid out as [B, n, H, D] (SDPA's layout), zeroed or not.
 Tensor sdpa_layout(const Tensor& like, int64_t H, int64_t n, at::ScalarType dtype, bool zeroed) {
   const auto opts = like.options().dtype(dtype);
@@ -296,7 +294,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
   const auto out = sdpa_layout(q, s.Hq, s.L, acc, false);
   const auto lse = at::empty({s.B, s.Hq, s.L}, q.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "prefix_attention_cpu_forward",
-                             [&] { forward_impl<scalar_t>(q, k, v, pk, pv, vis, s, dropout(drop), out, lse); });
+                             [&] { forward_impl<scalar_t>(q, k, v, pk, pv, vis, s, host_dropout(drop), out, lse); });
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -316,8 +314,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_o
   const auto opts = q.options().dtype(acc);
   const auto dpk = at::zeros(prefix_grad_shape, opts), dpv = at::zeros(prefix_grad_shape, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "prefix_attention_cpu_backward", [&] {
-    backward_impl<scalar_t>(grad_out, q, k, v, pk, pv, out, lse.to(acc).contiguous(), vis, s, dropout(drop), dq, dk,
-                            dv, dpk, dpv);
+    backward_impl<scalar_t>(grad_out, q, k, v, pk, pv, out, lse.to(acc).contiguous(), vis, s, host_dropout(drop), dq,
+                            dk, dv, dpk, dpv);
   });
   const auto dt = q.scalar_type();
   const auto reduce = [&](const Tensor& g) { return (pk.dim() == 3 ? g.sum(0) : g).to(dt).contiguous(); };
