@@ -1,7 +1,7 @@
 """Technique configs (../shared/SPEC.md): dataclasses validated on construction, errors naming the field."""
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 
@@ -9,6 +9,37 @@ _ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _positive_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _patterns(name, value, check) -> dict:
+    """peft's rank_pattern / alpha_pattern: {module-name pattern: value}, each value passing `check`."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict of module-name patterns, got {type(value).__name__}")
+    for key, v in value.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{name}: keys must be non-empty module-name patterns, got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ValueError(f"{name}: {key!r} is not a valid regular expression ({e})") from None
+        check(f"{name}[{key!r}]", v)
+    return dict(value)
+
+
+def matches_pattern(pattern: str, module_name: str) -> bool:
+    r"""Whether a rank_pattern / alpha_pattern key matches the end of `module_name` at a dot boundary (peft's
+    get_pattern_key: `(.*\.)?(pattern)$`)."""
+    return re.match(rf"(.*\.)?({pattern})$", module_name) is not None
+
+
+def pattern_value(patterns: dict, module_name: str, default):
+    """The value of the first pattern in `patterns` that matches `module_name`, else `default` (as peft)."""
+    return next((value for key, value in patterns.items() if matches_pattern(key, module_name)), default)
 
 
 def _module_names(name, value, allow_empty=False):
@@ -41,12 +72,14 @@ class LoraConfig:
     bias: str = "none"
     use_rslora: bool = False
     use_dora: bool = False
+    # as peft's: {module-name pattern: r or alpha} for the layers whose names end with a match (the first that
+    # matches wins); other layers take r and alpha
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
 
     def __post_init__(self):
         _positive_int("r", self.r)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
-                or self.alpha <= 0:
-            raise ValueError(f"alpha must be a positive finite number, got {self.alpha!r}")
+        _positive_number("alpha", self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         self.target_modules = _module_names("target_modules", self.target_modules)
@@ -56,10 +89,19 @@ class LoraConfig:
             raise ValueError(f"use_rslora must be a bool, got {self.use_rslora!r}")
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"use_dora must be a bool, got {self.use_dora!r}")
+        self.rank_pattern = _patterns("rank_pattern", self.rank_pattern, _positive_int)
+        self.alpha_pattern = _patterns("alpha_pattern", self.alpha_pattern, _positive_number)
 
     @property
     def scaling(self) -> float:
+        """The scaling of layers that no pattern matches."""
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def rank_and_scaling(self, module_name: str) -> tuple:
+        """(r, scaling) of the layer named `module_name` (its name in the model), patterns applied as peft does."""
+        r = pattern_value(self.rank_pattern, module_name, self.r)
+        alpha = pattern_value(self.alpha_pattern, module_name, self.alpha)
+        return r, alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
 @dataclass

@@ -8,14 +8,15 @@ import torch
 
 import peftops
 from peftops import LoraConfig
-from tiny_models import (BUILDERS, assert_close, input_ids, output, patched_pair, peft_at_least, peft_lora_config,
-                         randomize_lora, tiny_gpt2, tiny_llama)
+from tiny_models import (ALPHA_PATTERN, BUILDERS, RANK_PATTERN, assert_close, input_ids, output, patched_pair,
+                         peft_at_least, peft_lora_config, randomize_lora, tiny_gpt2, tiny_llama)
 
 peft = pytest.importorskip("peft")
 
 CONFIGS = [LoraConfig(r=4, alpha=8), LoraConfig(r=3, alpha=6, use_rslora=True, bias="lora_only",
                                                 target_modules=r".*\.(q_proj|down_proj|c_attn|c_fc|query|dense)"),
-           LoraConfig(r=2, alpha=4, bias="all", target_modules=["v_proj", "up_proj"])]
+           LoraConfig(r=2, alpha=4, bias="all", target_modules=["v_proj", "up_proj"]),
+           LoraConfig(r=4, alpha=8, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN)]
 
 
 def state(model):
@@ -23,7 +24,7 @@ def state(model):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("config", CONFIGS, ids=["plain", "rslora-lora_only-regex", "all"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["plain", "rslora-lora_only-regex", "all", "patterns"])
 def test_peft_loads_what_we_save(tmp_path, family, config):
     if family == "gpt2" and isinstance(config.target_modules, list):
         config = LoraConfig(r=config.r, alpha=config.alpha, bias=config.bias, target_modules=["c_proj", "c_fc"])
@@ -51,8 +52,10 @@ def test_peft_loads_what_we_save(tmp_path, family, config):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
-def test_we_load_what_peft_saves(tmp_path, family):
-    config = LoraConfig(r=4, alpha=8, bias="lora_only")
+@pytest.mark.parametrize("config", [LoraConfig(r=4, alpha=8, bias="lora_only"),
+                                    LoraConfig(r=4, alpha=8, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN)],
+                         ids=["lora_only", "patterns"])
+def test_we_load_what_peft_saves(tmp_path, family, config):
     _, ref = patched_pair(BUILDERS[family], config, seed=5)
     with torch.no_grad():  # trained biases
         for n, p in ref.named_parameters():
@@ -61,7 +64,7 @@ def test_we_load_what_peft_saves(tmp_path, family):
     ref.save_pretrained(tmp_path)
     ours = peftops.patch(BUILDERS[family](), config)
     ids = input_ids()
-    if family == "llama":  # no biases
+    if family == "llama" or config.bias == "none":  # no biases
         assert peftops.load_adapter(ours, str(tmp_path)) is ours
     elif peft_at_least((0, 21)):
         assert peftops.load_adapter(ours, str(tmp_path)) is ours
@@ -132,9 +135,14 @@ def test_mismatched_tensors_name_the_keys_and_leave_the_model_unchanged(tmp_path
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("config, named", [(LoraConfig(r=2, alpha=8), "r: file 4"),
-                                           (LoraConfig(r=4, alpha=16), "lora_alpha"),
-                                           (LoraConfig(r=4, alpha=8, use_rslora=True), "use_rslora")])
+@pytest.mark.parametrize("config, named", [
+    (LoraConfig(r=2, alpha=8), "file r=4 scaling=2, model r=2 scaling=4"),
+    (LoraConfig(r=4, alpha=16), "file r=4 scaling=2, model r=4 scaling=4"),
+    (LoraConfig(r=4, alpha=8, use_rslora=True), "use_rslora"),
+    (LoraConfig(r=4, alpha=8, alpha_pattern={"q_proj": 16}), r"layers\.0\.self_attn\.q_proj: file r=4 scaling=2, "
+                                                               "model r=4 scaling=4"),
+    (LoraConfig(r=4, alpha=8, rank_pattern={"layers.1.self_attn.v_proj": 2}), "v_proj: file r=4 scaling=2, model r=2"),
+])
 def test_other_config_is_refused(tmp_path, config, named):
     source = peftops.patch(tiny_llama(), LoraConfig(r=4, alpha=8))
     peftops.save_adapter(source, str(tmp_path))
@@ -143,6 +151,28 @@ def test_other_config_is_refused(tmp_path, config, named):
     with pytest.raises(ValueError, match=named):
         peftops.load_adapter(model, str(tmp_path))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_overlapping_patterns_keep_their_order_in_the_file(tmp_path):
+    # the first matching pattern wins, so the order is part of the adapter: the file keeps it (peft's writer sorts)
+    config = LoraConfig(r=4, alpha=8, rank_pattern={"q_proj": 6, r"layers\.0\..*": 2},
+                        alpha_pattern={"v_proj": 16, r"layers\.1\..*": 4})
+    base = tiny_llama()
+    fresh = copy.deepcopy(base)
+    ours = peftops.patch(base, config)
+    randomize_lora(ours)
+    peftops.save_adapter(ours, str(tmp_path))
+    with open(tmp_path / "adapter_config.json") as f:
+        saved = json.load(f)
+    assert list(saved["rank_pattern"]) == ["q_proj", r"layers\.0\..*"]
+    assert list(saved) == sorted(saved)
+    ids = input_ids()
+    assert_close(output(peft.PeftModel.from_pretrained(fresh, tmp_path), ids), output(ours, ids), what="peft-loaded")
+    # patterns in the other order give layer 0's q_proj rank 2: refused before any tensor is read
+    swapped = LoraConfig(r=4, alpha=8, rank_pattern={r"layers\.0\..*": 2, "q_proj": 6},
+                         alpha_pattern=config.alpha_pattern)
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj: file r=6 scaling=1\.33333, model r=2"):
+        peftops.load_adapter(peftops.patch(tiny_llama(), swapped), str(tmp_path))
 
 
 def test_other_rank_without_config_file_is_caught_by_shapes(tmp_path):
@@ -178,12 +208,12 @@ def test_backend_mode_delegates_to_peft(tmp_path):
     # A rank-2 peft model refuses the rank-4 file and keeps its weights.
     small = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=2, lora_alpha=8, fan_in_fan_out=True))
     before = state(small)
-    with pytest.raises(ValueError, match="r: file 4"):
+    with pytest.raises(ValueError, match="file r=4 scaling=2, model r=2 scaling=4"):
         peftops.load_adapter(small, str(tmp_path / "a"))
     # as is a model whose alpha_pattern differs (same shapes, another scale for those layers)
     patterned = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=True,
                                                                   alpha_pattern={"c_attn": 32}))
-    with pytest.raises(ValueError, match="alpha_pattern: file {}"):
+    with pytest.raises(ValueError, match="c_attn: file r=4 scaling=2, model r=4 scaling=8"):
         peftops.load_adapter(patterned, str(tmp_path / "a"))
     os.remove(tmp_path / "a" / "adapter_config.json")
     with pytest.raises(ValueError, match="wrong shapes"):

@@ -9,10 +9,10 @@ from torch import nn
 import peftops
 from peftops import LoraConfig
 from peftops.layers import LoraLinear
-from tiny_models import (BUILDERS, assert_close, input_ids, loss_of, minilm, output, ours_to_peft_name, patched_pair,
-                         randomize_lora, tiny_bert, tiny_gpt2, tiny_llama)
+from tiny_models import (ALPHA_PATTERN, BUILDERS, RANK_PATTERN, assert_close, input_ids, loss_of, minilm, output,
+                         ours_to_peft_name, patched_pair, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama)
 
-pytest.importorskip("peft")
+peft = pytest.importorskip("peft")
 
 
 def frozen(layer: nn.Module) -> nn.Module:
@@ -39,11 +39,36 @@ def check_against_peft(ours, ref, ids, rtol=1e-5):
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
-@pytest.mark.parametrize("config", [LoraConfig(r=4, alpha=8), LoraConfig(r=3, alpha=5, use_rslora=True, bias="all"),
-                                    LoraConfig(r=2, alpha=4, bias="lora_only")], ids=["plain", "rslora-all", "lora_only"])
+@pytest.mark.parametrize("config", [
+    LoraConfig(r=4, alpha=8), LoraConfig(r=3, alpha=5, use_rslora=True, bias="all"),
+    LoraConfig(r=2, alpha=4, bias="lora_only"),
+    LoraConfig(r=4, alpha=8, use_rslora=True, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN),
+], ids=["plain", "rslora-all", "lora_only", "patterns-rslora"])
 def test_matches_peft(family, config):
     ours, ref = patched_pair(BUILDERS[family], config)
     check_against_peft(ours.train(), ref.train(), input_ids())
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_rank_and_alpha_patterns_pick_the_layers_peft_picks(family, use_rslora):
+    config = LoraConfig(r=4, alpha=8, use_rslora=use_rslora, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN)
+    ours, ref = patched_pair(BUILDERS[family], config)
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in ref.named_modules()
+                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+    ours_layers = {n: m for n, m in ours.named_modules() if isinstance(m, LoraLinear)}
+    assert ours_layers.keys() == peft_layers.keys()
+    for name, layer in ours_layers.items():
+        assert (layer.r, layer.scaling) == (peft_layers[name].r["default"], peft_layers[name].scaling["default"]), name
+        assert layer.lora_A.shape[0] == layer.r
+    # the patterns took effect (q_proj|query only where such layers exist), and some layers kept r and alpha
+    assert {layer.r for layer in ours_layers.values()} == ({2, 4} if family == "gpt2" else {2, 4, 6})
+    assert len({layer.scaling for layer in ours_layers.values()}) >= 2
+
+
+def test_a_pattern_that_matches_no_target_warns_as_peft():
+    with pytest.warns(UserWarning, match=r"rank_pattern keys \['c_attn'\] match no targeted module"):
+        peftops.patch(tiny_llama(), LoraConfig(rank_pattern={"c_attn": 2, "q_proj": 2}))
 
 
 def test_a_base_weight_made_trainable_gets_its_gradient():
@@ -254,6 +279,10 @@ def test_dropout_is_reproducible_under_manual_seed():
     (dict(target_modules="(["), "target_modules"), (dict(target_modules=[""]), "target_modules"),
     (dict(target_modules=3), "target_modules"),
     (dict(use_rslora="yes"), "use_rslora"), (dict(use_dora=1), "use_dora"),
+    (dict(rank_pattern=["q_proj"]), "rank_pattern"), (dict(rank_pattern={"q_proj": 0}), "rank_pattern"),
+    (dict(rank_pattern={"q_proj": 2.0}), "rank_pattern"), (dict(rank_pattern={"([": 2}), "rank_pattern"),
+    (dict(rank_pattern={"": 2}), "rank_pattern"), (dict(alpha_pattern={"v_proj": float("inf")}), "alpha_pattern"),
+    (dict(alpha_pattern={3: 8}), "alpha_pattern"),
 ])
 def test_bad_config_values(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}\b"):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import peftops
-from tiny_models import (BUILDERS, assert_close, input_ids, loss_of, output, outputs_match_then_backward,
-                         randomize_lora, tiny_llama)
+from tiny_models import (ALPHA_PATTERN, BUILDERS, RANK_PATTERN, assert_close, input_ids, loss_of, output,
+                         outputs_match_then_backward, randomize_lora, tiny_llama)
 
 peft = pytest.importorskip("peft")
 
@@ -64,6 +64,14 @@ def test_matches_peft(family, op_calls):
     layers = sum(isinstance(m, peft.tuners.lora.layer.Linear) for m in ours.modules())
     assert len(op_calls) == layers > 0
     assert ours.state_dict().keys() == ref.state_dict().keys()
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_rank_and_alpha_patterns_match_peft(family, op_calls):
+    ours, ref = peft_pair(family, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN, use_rslora=True)
+    assert len({m.r["default"] for m in ours.modules() if isinstance(m, peft.tuners.lora.LoraLayer)}) >= 2
+    check_same(ours.train(), ref.train())
+    assert op_calls
 
 
 def test_dropout_eval_matches_and_train_reproduces():

@@ -72,7 +72,15 @@ def peft_lora_config(config, model):
     import peft
     return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                            target_modules=config.target_modules, bias=config.bias, use_rslora=config.use_rslora,
+                           rank_pattern=config.rank_pattern, alpha_pattern=config.alpha_pattern,
                            fan_in_fan_out=model.config.model_type == "gpt2")
+
+
+# rank_pattern / alpha_pattern that pick layers of every family's default targets (llama q_proj, v_proj; gpt2
+# c_attn; bert query, value). The first matching pattern wins: layer 0's q_proj and query take 2, not 6. peft writes
+# its adapter_config.json with sorted keys, so overlapping patterns only survive its save in sorted order, as here.
+RANK_PATTERN = {r"(layers|h|layer)\.0\..*": 2, "q_proj|query": 6}
+ALPHA_PATTERN = {r"v_proj|value|h\.1\.attn\.c_attn": 32}
 
 
 def randomize_lora(model, seed=2):

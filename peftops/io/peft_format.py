@@ -31,7 +31,7 @@ class _Technique:
 
 
 def _fields_differ(saved: dict, expected: dict) -> list:
-    defaults = {"use_rslora": False, "use_dora": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {}}
+    defaults = {"use_rslora": False, "use_dora": False, "bias": "none"}
     return [f"{k}: file {saved.get(k, defaults.get(k))!r}, model {v!r}"
             for k, v in expected.items() if saved.get(k, defaults.get(k)) != v]
 
@@ -66,20 +66,39 @@ def _lora_fields(model, state) -> dict:
     targets = cfg.target_modules if cfg.target_modules is not None else default_lora_targets(model)
     return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets,
             "bias": cfg.bias, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "init_lora_weights": True,
-            "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None}
+            "rank_pattern": cfg.rank_pattern, "alpha_pattern": cfg.alpha_pattern, "layers_to_transform": None,
+            "layers_pattern": None}
 
 
-def _lora_expected(model, state) -> dict:
-    """The config fields that change results, as the patched model has them."""
+def _lora_expected(model, state) -> tuple:
+    """What changes results, as the patched model has it: (config fields, {layer: (r, scaling)})."""
     cfg = state.config
-    return {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.use_rslora, "bias": cfg.bias,
-            "use_dora": cfg.use_dora, "rank_pattern": {}, "alpha_pattern": {}}
+    layers = {n: (model.get_submodule(n).r, model.get_submodule(n).scaling) for n in state.layer_names}
+    return {"use_rslora": cfg.use_rslora, "bias": cfg.bias, "use_dora": cfg.use_dora}, layers
 
 
-def _lora_peft_expected(model, name) -> dict:
+def _lora_peft_expected(model, name) -> tuple:
+    from peft.tuners.lora import LoraLayer
     cfg = model.peft_config[name]
-    return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora, "bias": cfg.bias,
-            "use_dora": cfg.use_dora, "rank_pattern": cfg.rank_pattern or {}, "alpha_pattern": cfg.alpha_pattern or {}}
+    layers = {n: (m.r[name], m.scaling[name]) for n, m in model.base_model.model.named_modules()
+              if isinstance(m, LoraLayer) and name in m.lora_A}
+    return {"use_rslora": cfg.use_rslora, "bias": cfg.bias, "use_dora": cfg.use_dora}, layers
+
+
+def _lora_disagreements(saved: dict, expected: tuple) -> list:
+    """The fields that differ, then the layers whose rank or scaling under the file's r, lora_alpha, rank_pattern and
+    alpha_pattern (in the file's order: the first matching pattern wins) differ from the model's."""
+    fields, layers = expected
+    try:
+        config = LoraConfig(r=saved.get("r", 8), alpha=saved.get("lora_alpha", 8),
+                            use_rslora=saved.get("use_rslora", False), rank_pattern=saved.get("rank_pattern") or {},
+                            alpha_pattern=saved.get("alpha_pattern") or {})
+    except ValueError as e:
+        return [f"unreadable LoRA fields ({e})"]
+    differ = [f"{n}: file r={r} scaling={s:g}, model r={layer[0]} scaling={layer[1]:g}"
+              for n, layer in layers.items() for r, s in [config.rank_and_scaling(n)] if (r, s) != layer]
+    shown = differ[:4] + ([f"... {len(differ) - 4} more layers"] if len(differ) > 4 else [])
+    return _fields_differ(saved, fields) + shown
 
 
 # IA3 --------------------------------------------------------------------------------------------------------------
@@ -115,7 +134,8 @@ def _ia3_disagreements(saved: dict, layers: dict) -> list:
 
 
 _TECHNIQUES = {
-    LoraConfig: _Technique("LORA", _lora_tensors, _lora_fields, _lora_expected, _fields_differ, _lora_peft_expected),
+    LoraConfig: _Technique("LORA", _lora_tensors, _lora_fields, _lora_expected, _lora_disagreements,
+                           _lora_peft_expected),
     IA3Config: _Technique("IA3", _ia3_tensors, _ia3_fields, _ia3_expected, _ia3_disagreements, _ia3_peft_expected)}
 
 
@@ -161,22 +181,23 @@ def head_tensors(model, prefix: str) -> dict:
             for n, p in model.get_submodule(h).named_parameters()}
 
 
-def _unsaved_lora_only_biases(expected: dict, bias: str) -> set:
-    """The keys of `expected` that a peft file may lack: peft before 0.21 saved no bias for `bias="lora_only"` (its
-    key rule missed `base_layer.bias`), and loads such a file keeping the model's biases."""
-    return {k for k in expected if k.endswith(".base_layer.bias")} if bias == "lora_only" else set()
+def _without_unsaved_lora_only_biases(path: str, expected: dict, loaded: dict, bias: str) -> dict:
+    """`expected` less the base-layer biases of `bias="lora_only"` when the file holds none of them: peft before 0.21
+    saved none (its key rule missed `base_layer.bias`) and loads such a file keeping the model's biases, as here."""
+    biases = {k for k in expected if k.endswith(".base_layer.bias")} if bias == "lora_only" else set()
+    if not biases or biases & loaded.keys():
+        return expected
+    warnings.warn(f"peftops: {path} holds no biases for bias='lora_only' (peft before 0.21 did not save them): "
+                  f"the model keeps its own, as peft loads it")
+    return {k: v for k, v in expected.items() if k not in biases}
 
 
-def read_checked(path: str, expected: dict, heads: dict, optional: set = frozenset()) -> dict:
-    """An adapter file's tensors, checked to be exactly `expected` (file key -> a tensor of the right shape) plus,
-    optionally, the classification head that a peft file of a classification model carries (`heads`: file key ->
-    live parameter), which is copied in after every check; the caller copies the rest (what the file has). The keys
-    in `optional` may all be absent together. A mismatch changes nothing."""
-    loaded = read_weights(path)
-    if optional and not optional & loaded.keys():
-        warnings.warn(f"peftops: {path} holds no biases for bias='lora_only' (peft before 0.21 did not save them): "
-                      f"the model keeps its own, as peft loads it")
-        expected = {k: v for k, v in expected.items() if k not in optional}
+def read_checked(path: str, expected: dict, heads: dict, loaded: dict | None = None) -> dict:
+    """An adapter file's tensors (`loaded`, read here unless given), checked to be exactly `expected` (file key -> a
+    tensor of the right shape) plus, optionally, the classification head that a peft file of a classification model
+    carries (`heads`: file key -> live parameter), which is copied in after every check; the caller copies the rest
+    (what the file has). A mismatch changes nothing."""
+    loaded = read_weights(path) if loaded is None else loaded
     # a head module counts when the file has any of its tensors (then it must have them all): files differ in which
     # modules they carry (peftops' before it followed peft's suffix rule: classifier without pre_classifier)
     carried = {k.rsplit(".", 1)[0] for k in heads if k in loaded}
@@ -245,16 +266,18 @@ def save_peft_format(model, state, path: str):
         raise ValueError("the adapter is merged into the base weights; save it before merging")
     write_weights(path, {**adapter_tensors(model, state), **head_tensors(model, _PREFIX)})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(_peft_config_dict(model, state), f, indent=2, sort_keys=True)
+        # fields sorted as peft writes them, patterns in their own order (the first that matches a layer wins)
+        json.dump(dict(sorted(_peft_config_dict(model, state).items())), f, indent=2)
 
 
 def load_peft_format(model, state, path: str):
     """Everything is validated before any parameter changes, so a mismatch leaves the model as it was."""
     technique = _TECHNIQUES[type(state.config)]
     _check_config(path, technique, technique.expected(model, state))
-    expected = adapter_tensors(model, state)
-    optional = _unsaved_lora_only_biases(expected, getattr(state.config, "bias", "none"))
-    loaded = read_checked(path, expected, head_tensors(model, _PREFIX), optional)
+    loaded = read_weights(path)
+    expected = _without_unsaved_lora_only_biases(path, adapter_tensors(model, state), loaded,
+                                                 getattr(state.config, "bias", "none"))
+    read_checked(path, expected, head_tensors(model, _PREFIX), loaded)
     with torch.no_grad():
         for key, param in expected.items():
             if key in loaded:
@@ -285,7 +308,7 @@ def load_into_peft(model, path: str):
     # a file saved from a classification model carries its head; a peft model without that task keeps the head in
     # its base model, where it goes (as for adapter mode)
     heads = {k: p for k, p in head_tensors(model.get_base_model(), _PREFIX).items() if k not in expected}
-    optional = _unsaved_lora_only_biases(expected, bias)
-    loaded = read_checked(path, expected, heads, optional)
+    loaded = read_weights(path)
+    read_checked(path, _without_unsaved_lora_only_biases(path, expected, loaded, bias), heads, loaded)
     set_peft_model_state_dict(model, {k: v for k, v in loaded.items() if k not in heads}, adapter_name=name)
     return model

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..config import IA3Config, LoraConfig
+from ..config import IA3Config, LoraConfig, matches_pattern
 from ..layers.ia3 import Ia3Linear
 from ..layers.lora import LoraLinear
 from .backend import peft_layer_names
@@ -194,8 +194,12 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Mo
     explicit = config.target_modules is not None
     targets = config.target_modules if explicit else default_lora_targets(model)
     found = find_targets(model, targets, explicit)  # validates everything before the model is touched
+    for attr in ("rank_pattern", "alpha_pattern"):  # as peft, which warns the same
+        unmatched = [k for k in getattr(config, attr) if not any(matches_pattern(k, name) for name, _ in found)]
+        if unmatched:
+            warnings.warn(f"peftops: {attr} keys {unmatched} match no targeted module and are ignored", stacklevel=3)
     layers = _insert(model, config, adapter_name,
-                     {name: LoraLinear(module, config.r, config.scaling, config.dropout, config.use_dora)
+                     {name: LoraLinear(module, *config.rank_and_scaling(name), config.dropout, config.use_dora)
                       for name, module in found})
     # Bias training as peft's: "all" trains every bias of the model, "lora_only" those of the adapted layers.
     if config.bias == "all":
