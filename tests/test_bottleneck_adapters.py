@@ -390,6 +390,10 @@ def test_a_parallel_adapter_serves_threads_and_survives_export(family):
         serial = [output(model, ids) for ids in inputs]
     results = outputs_from_threads([lambda i=i: output(model, inputs[i]) for i in range(4)], 5)
     assert all(len(results[i]) == 5 and all(torch.equal(y, serial[i]) for y in results[i]) for i in range(4))
+    try:
+        torch.export.export(BUILDERS[family]().eval(), (), {"input_ids": inputs[0], "use_cache": False})
+    except Exception as e:  # transformers 4.57's causal masks use vmap over .item(), which torch 2.6 cannot trace
+        pytest.skip(f"this torch and transformers cannot export the unpatched model: {str(e).splitlines()[0][:80]}")
     program = torch.export.export(model, (), {"input_ids": inputs[0], "use_cache": False})
     assert_close(program.module()(input_ids=inputs[0], use_cache=False).logits, serial[0], 1e-5, "exported")
     with torch.no_grad():

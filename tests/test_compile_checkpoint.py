@@ -90,7 +90,8 @@ def test_a_compiled_model_takes_new_lengths_without_recompiling_each(technique):
                          ids=["lora", "bitfit", "ia3"])
 def test_a_patched_model_exports_with_a_dynamic_sequence_length(config):
     model = peftops.patch(tiny_bert(), config).eval()
-    seq = torch.export.Dim("seq", min=2, max=64)
+    # below the position table's 64: torch 2.6 cannot prove the slice of BERT's 64 token types for length 64
+    seq = torch.export.Dim("seq", min=2, max=48)
     program = torch.export.export(model, (), {"input_ids": torch.randint(64, (2, 6))},
                                   dynamic_shapes={"input_ids": {1: seq}})
     ids = torch.randint(64, (2, 11))
