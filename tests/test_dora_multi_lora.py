@@ -8,8 +8,8 @@ import torch
 
 import peftops
 from peftops import LoraConfig
-from tiny_models import (BUILDERS, assert_close, input_ids, output, outputs_match_then_backward, peft_lora_config,
-                         randomize_lora, tiny_llama)
+from tiny_models import (ALPHA_PATTERN, BUILDERS, RANK_PATTERN, assert_close, input_ids, output,
+                         outputs_match_then_backward, peft_lora_config, randomize_lora, tiny_llama)
 
 peft = pytest.importorskip("peft")
 
@@ -85,6 +85,13 @@ def test_adapter_dora_matches_peft(family, monkeypatch):
     ours, ref = dora_pair(family)
     check_outputs_and_grads(ours.train(), ref.train(), peft_name)
     assert len(calls) == sum(isinstance(m, peftops.layers.lora.LoraLinear) for m in ours.modules()) > 0
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_adapter_dora_with_rank_and_alpha_patterns_matches_peft(family):
+    ours, ref = dora_pair(family, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN)
+    assert len({m.r for m in ours.modules() if isinstance(m, peftops.layers.lora.LoraLinear)}) >= 2
+    check_outputs_and_grads(ours.train(), ref.train(), peft_name)
 
 
 def test_adapter_dora_dropout_in_eval_and_merge():
