@@ -76,6 +76,7 @@ class LoraConfig:
     # matches wins); other layers take r and alpha
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    exclude_modules: "list[str] | str | None" = None  # as peft's: matched as target_modules, never adapted
 
     def __post_init__(self):
         _positive_int("r", self.r)
@@ -83,6 +84,7 @@ class LoraConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         self.target_modules = _module_names("target_modules", self.target_modules)
+        self.exclude_modules = _module_names("exclude_modules", self.exclude_modules, allow_empty=True)
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if not isinstance(self.use_rslora, bool):
@@ -153,9 +155,11 @@ class BitFitConfig:
 class IA3Config:
     target_modules: "list[str] | str | None" = None
     feedforward_modules: "list[str] | str | None" = None
+    exclude_modules: "list[str] | str | None" = None  # as peft's: matched as target_modules, never adapted
 
     def __post_init__(self):
         self.target_modules = _module_names("target_modules", self.target_modules)
+        self.exclude_modules = _module_names("exclude_modules", self.exclude_modules, allow_empty=True)
         self.feedforward_modules = _module_names("feedforward_modules", self.feedforward_modules, allow_empty=True)
         # As peft: with explicit lists, feed-forward modules must be among the targets.
         if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):

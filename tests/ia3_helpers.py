@@ -19,7 +19,7 @@ def peft_ia3_config(config=None, **kwargs):
     import peft
     config = config or peftops.IA3Config()
     return peft.IA3Config(target_modules=config.target_modules, feedforward_modules=config.feedforward_modules,
-                          **kwargs)
+                          exclude_modules=config.exclude_modules, **kwargs)
 
 
 def ours_to_peft_name(name):

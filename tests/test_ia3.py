@@ -66,6 +66,19 @@ def test_adapter_mode_matches_peft(family, explicit, op_calls):
     assert len(op_calls) == len(layers)
 
 
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_exclude_modules_as_peft(family):
+    # peft's family defaults less one module kind (and layer 0's everything, by regex on the other families)
+    exclude = {"llama": ["down_proj"], "gpt2": r".*\.0\..*", "bert": ["attention.self.key"]}[family]
+    ours, ref = ia3_pair(with_random_biases(BUILDERS[family]), IA3Config(exclude_modules=exclude))
+    layers = {n for n, m in ours.named_modules() if isinstance(m, peftops.layers.Ia3Linear)}
+    assert layers == {n.removeprefix("base_model.model.") for n, m in ref.named_modules()
+                      if isinstance(m, peft.tuners.ia3.layer.Linear)}
+    full = ia3_pair(BUILDERS[family])[0]
+    assert layers and layers < {n for n, m in full.named_modules() if isinstance(m, peftops.layers.Ia3Linear)}
+    check_same(ours.train(), ref.train(), ours_to_peft_name)
+
+
 def test_llama_mlp_keeps_no_copy_of_its_product_and_unpatch_restores_it():
     from op_helpers import SavedTensors
     ours, ref = ia3_pair(tiny_llama)  # defaults: k_proj, v_proj, and down_proj as a feed-forward module

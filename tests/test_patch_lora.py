@@ -66,6 +66,30 @@ def test_rank_and_alpha_patterns_pick_the_layers_peft_picks(family, use_rslora):
     assert len({layer.scaling for layer in ours_layers.values()}) >= 2
 
 
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("exclude", [["k_proj", "mlp.c_proj", "attention.output.dense"], r".*\.0\..*"],
+                         ids=["list", "regex"])
+def test_exclude_modules_as_peft(family, exclude):
+    ours, ref = patched_pair(BUILDERS[family], LoraConfig(target_modules="all-linear", exclude_modules=exclude))
+    adapted = {n for n, m in ours.named_modules() if isinstance(m, LoraLinear)}
+    assert adapted == {n.removeprefix("base_model.model.") for n, m in ref.named_modules()
+                       if isinstance(m, peft.tuners.lora.LoraLayer)}
+    everything = {n for n, m in patched_pair(BUILDERS[family], LoraConfig(target_modules="all-linear"))[0].named_modules()
+                  if isinstance(m, LoraLinear)}
+    assert adapted and adapted < everything  # some layers left out, some adapted
+    check_against_peft(ours.train(), ref.train(), input_ids())
+
+
+def test_exclude_modules_that_match_nothing_warn_and_that_leave_nothing_raise():
+    with pytest.warns(UserWarning, match=r"exclude_modules \['c_fc'\] match no module"):
+        peftops.patch(tiny_llama(), LoraConfig(exclude_modules=["c_fc"]))
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"target_modules \['q_proj'\] match no module that exclude_modules"):
+        peftops.patch(model, LoraConfig(target_modules=["q_proj"], exclude_modules=r".*"))
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())  # untouched
+
+
 def test_a_pattern_that_matches_no_target_warns_as_peft():
     with pytest.warns(UserWarning, match=r"rank_pattern keys \['c_attn'\] match no targeted module"):
         peftops.patch(tiny_llama(), LoraConfig(rank_pattern={"c_attn": 2, "q_proj": 2}))
@@ -281,7 +305,8 @@ def test_dropout_is_reproducible_under_manual_seed():
     (dict(rank_pattern=["q_proj"]), "rank_pattern"), (dict(rank_pattern={"q_proj": 0}), "rank_pattern"),
     (dict(rank_pattern={"q_proj": 2.0}), "rank_pattern"), (dict(rank_pattern={"([": 2}), "rank_pattern"),
     (dict(rank_pattern={"": 2}), "rank_pattern"), (dict(alpha_pattern={"v_proj": float("inf")}), "alpha_pattern"),
-    (dict(alpha_pattern={3: 8}), "alpha_pattern"),
+    (dict(alpha_pattern={3: 8}), "alpha_pattern"), (dict(exclude_modules=3), "exclude_modules"),
+    (dict(exclude_modules="(["), "exclude_modules"), (dict(exclude_modules=[""]), "exclude_modules"),
 ])
 def test_bad_config_values(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}\b"):

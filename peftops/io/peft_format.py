@@ -67,7 +67,7 @@ def _lora_fields(model, state) -> dict:
     return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets,
             "bias": cfg.bias, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "init_lora_weights": True,
             "rank_pattern": cfg.rank_pattern, "alpha_pattern": cfg.alpha_pattern, "layers_to_transform": None,
-            "layers_pattern": None}
+            "layers_pattern": None, "exclude_modules": cfg.exclude_modules}
 
 
 def _lora_expected(model, state) -> tuple:
@@ -109,7 +109,7 @@ def _ia3_tensors(model, state) -> dict:
 def _ia3_fields(model, state) -> dict:
     targets, feedforward = adapter.ia3_modules(model, state.config)
     return {"target_modules": targets, "feedforward_modules": feedforward, "init_ia3_weights": True,
-            "exclude_modules": None}
+            "exclude_modules": state.config.exclude_modules}
 
 
 def _ia3_expected(model, state) -> dict:

@@ -193,7 +193,8 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Mo
     check_unpatched(model)
     explicit = config.target_modules is not None
     targets = config.target_modules if explicit else default_lora_targets(model)
-    found = find_targets(model, targets, explicit)  # validates everything before the model is touched
+    # validates everything before the model is touched
+    found = find_targets(model, targets, explicit, exclude=config.exclude_modules)
     for attr in ("rank_pattern", "alpha_pattern"):  # as peft, which warns the same
         unmatched = [k for k in getattr(config, attr) if not any(matches_pattern(k, name) for name, _ in found)]
         if unmatched:
@@ -221,7 +222,8 @@ def ia3_modules(model: nn.Module, config: IA3Config) -> tuple:
 def patch_ia3(model: nn.Module, config: IA3Config, adapter_name: str) -> nn.Module:
     check_unpatched(model)
     targets, feedforward = ia3_modules(model, config)
-    found = find_targets(model, targets, config.target_modules is not None, technique="IA3")
+    found = find_targets(model, targets, config.target_modules is not None, technique="IA3",
+                         exclude=config.exclude_modules)
     _insert(model, config, adapter_name,
             {name: Ia3Linear(module, is_feedforward(feedforward, name)) for name, module in found})
     get_state(model).gated_blocks = fuse_gated_blocks(model)

@@ -75,8 +75,9 @@ def all_linear_names(model: nn.Module) -> list:
     return [n for n, m in model.named_modules() if n and is_supported(m) and m is not output and id(m) not in skip]
 
 
-def find_targets(model: nn.Module, targets, explicit: bool, technique: str = "LoRA") -> list:
-    """(name, module) for every module `targets` names; ValueError naming what matches nothing or is unsupported."""
+def find_targets(model: nn.Module, targets, explicit: bool, technique: str = "LoRA", exclude=None) -> list:
+    """(name, module) for every module `targets` names and `exclude` (matched as peft matches exclude_modules, by the
+    same rule as targets) does not; ValueError naming what matches nothing or is unsupported."""
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         targets = all_linear_names(model)
         if not targets:
@@ -85,14 +86,19 @@ def find_targets(model: nn.Module, targets, explicit: bool, technique: str = "Lo
         if fused:
             warnings.warn(f"peftops: target_modules='all-linear' adapts nn.Linear and Conv1D modules only: the fused "
                           f"MoE expert weights ({fused[0]}, ...) stay frozen (peft's LoRA adapts those of some models "
-                          f"through target_parameters)", stacklevel=3)
-    found = [(n, m) for n, m in model.named_modules() if n and matches(targets, n)]
-    if not found:
-        raise ValueError(f"target_modules {targets!r} match no module of {type(model).__name__}")
+                          f"through target_parameters)", stacklevel=4)
+    named = [(n, m) for n, m in model.named_modules() if n and matches(targets, n)]
     if explicit and not isinstance(targets, str):
-        unmatched = [t for t in targets if not any(matches([t], n) for n, _ in found)]
+        unmatched = [t for t in targets if not any(matches([t], n) for n, _ in named)]
         if unmatched:
             raise ValueError(f"target_modules {unmatched} match no module of {type(model).__name__}")
+    if exclude and not any(matches(exclude, n) for n, _ in model.named_modules() if n):
+        warnings.warn(f"peftops: exclude_modules {exclude!r} match no module of {type(model).__name__} (as peft "
+                      f"warns)", stacklevel=4)
+    found = [(n, m) for n, m in named if not (exclude and matches(exclude, n))]
+    if not found:
+        excluded = f" that exclude_modules {exclude!r} leaves" if named else ""
+        raise ValueError(f"target_modules {targets!r} match no module{excluded} of {type(model).__name__}")
     unsupported = [f"{n} ({type(m).__name__})" for n, m in found if not is_supported(m)]
     if unsupported:
         raise ValueError(f"target_modules {targets!r} name modules {technique} cannot adapt (it adapts nn.Linear and "
