@@ -42,6 +42,10 @@ def pattern_value(patterns: dict, module_name: str, default):
     return next((value for key, value in patterns.items() if matches_pattern(key, module_name)), default)
 
 
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _module_names(name, value, allow_empty=False):
     """None, a regex string (full match, as peft) or a non-empty list of module-name suffixes; returns it normalised.
     `allow_empty`: an empty list is meaningful (IA3's feedforward_modules=[]: no layer scales its input)."""
@@ -77,6 +81,10 @@ class LoraConfig:
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     exclude_modules: "list[str] | str | None" = None  # as peft's: matched as target_modules, never adapted
+    # as peft's: only the layers with these indices (read from module names, after one of `layers_pattern` if given);
+    # with target_modules a list or None
+    layers_to_transform: "int | list[int] | None" = None
+    layers_pattern: "str | list[str] | None" = None
 
     def __post_init__(self):
         _positive_int("r", self.r)
@@ -93,6 +101,24 @@ class LoraConfig:
             raise ValueError(f"use_dora must be a bool, got {self.use_dora!r}")
         self.rank_pattern = _patterns("rank_pattern", self.rank_pattern, _positive_int)
         self.alpha_pattern = _patterns("alpha_pattern", self.alpha_pattern, _positive_number)
+        self._check_layers()
+
+    def _check_layers(self):
+        """peft's rules and types for layers_to_transform and layers_pattern."""
+        indices, pattern = self.layers_to_transform, self.layers_pattern
+        if indices is not None and not (_is_index(indices) or (isinstance(indices, (list, tuple))
+                                                                and all(_is_index(i) for i in indices))):
+            raise ValueError(f"layers_to_transform must be None, a layer index or a list of them, got {indices!r}")
+        if pattern is not None and not (isinstance(pattern, str) or (isinstance(pattern, (list, tuple))
+                                                                     and all(isinstance(p, str) for p in pattern))):
+            raise ValueError(f"layers_pattern must be None, a string or a list of strings, got {pattern!r}")
+        if isinstance(self.target_modules, str) and (indices is not None or pattern is not None):
+            raise ValueError("layers_to_transform and layers_pattern cannot be used when target_modules is a string "
+                             "(a regex or 'all-linear'), as in peft")
+        if pattern and indices is None:
+            raise ValueError("layers_pattern needs layers_to_transform, as in peft")
+        self.layers_to_transform = list(indices) if isinstance(indices, tuple) else indices
+        self.layers_pattern = list(pattern) if isinstance(pattern, tuple) else pattern
 
     @property
     def scaling(self) -> float:

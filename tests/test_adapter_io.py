@@ -17,7 +17,8 @@ CONFIGS = [LoraConfig(r=4, alpha=8), LoraConfig(r=3, alpha=6, use_rslora=True, b
                                                 target_modules=r".*\.(q_proj|down_proj|c_attn|c_fc|query|dense)"),
            LoraConfig(r=2, alpha=4, bias="all", target_modules=["v_proj", "up_proj"]),
            LoraConfig(r=4, alpha=8, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN),
-           LoraConfig(r=2, alpha=4, target_modules="all-linear", exclude_modules=["k_proj", "mlp.c_proj"])]
+           LoraConfig(r=2, alpha=4, target_modules="all-linear", exclude_modules=["k_proj", "mlp.c_proj"]),
+           LoraConfig(r=2, alpha=4, layers_to_transform=[1], layers_pattern=["layers", "h"])]
 
 
 def state(model):
@@ -26,7 +27,7 @@ def state(model):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("config", CONFIGS,
-                         ids=["plain", "rslora-lora_only-regex", "all", "patterns", "all-linear-excluded"])
+                         ids=["plain", "rslora-lora_only-regex", "all", "patterns", "all-linear-excluded", "layer-1"])
 def test_peft_loads_what_we_save(tmp_path, family, config):
     if family == "gpt2" and isinstance(config.target_modules, list):
         config = LoraConfig(r=config.r, alpha=config.alpha, bias=config.bias, target_modules=["c_proj", "c_fc"])

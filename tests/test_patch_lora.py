@@ -80,6 +80,21 @@ def test_exclude_modules_as_peft(family, exclude):
     check_against_peft(ours.train(), ref.train(), input_ids())
 
 
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("layers", [dict(layers_to_transform=1, layers_pattern=["layers", "h", "layer"]),
+                                    dict(layers_to_transform=[0])], ids=["index-patterns", "list"])
+def test_layers_to_transform_as_peft(family, layers):
+    ours, ref = patched_pair(BUILDERS[family], LoraConfig(**layers))
+    adapted = {n for n, m in ours.named_modules() if isinstance(m, LoraLinear)}
+    assert adapted == {n.removeprefix("base_model.model.") for n, m in ref.named_modules()
+                       if isinstance(m, peft.tuners.lora.LoraLayer)}
+    index = layers["layers_to_transform"]
+    assert adapted and all(f".{index if isinstance(index, int) else index[0]}." in n for n in adapted)
+    check_against_peft(ours.train(), ref.train(), input_ids())
+    with pytest.raises(ValueError, match=r"match no module that layers_to_transform \[7\] leave"):
+        peftops.patch(BUILDERS[family](), LoraConfig(layers_to_transform=[7]))
+
+
 def test_exclude_modules_that_match_nothing_warn_and_that_leave_nothing_raise():
     with pytest.warns(UserWarning, match=r"exclude_modules \['c_fc'\] match no module"):
         peftops.patch(tiny_llama(), LoraConfig(exclude_modules=["c_fc"]))
@@ -307,6 +322,10 @@ def test_dropout_is_reproducible_under_manual_seed():
     (dict(rank_pattern={"": 2}), "rank_pattern"), (dict(alpha_pattern={"v_proj": float("inf")}), "alpha_pattern"),
     (dict(alpha_pattern={3: 8}), "alpha_pattern"), (dict(exclude_modules=3), "exclude_modules"),
     (dict(exclude_modules="(["), "exclude_modules"), (dict(exclude_modules=[""]), "exclude_modules"),
+    (dict(layers_to_transform=-1), "layers_to_transform"), (dict(layers_to_transform="0"), "layers_to_transform"),
+    (dict(layers_to_transform=[0, True]), "layers_to_transform"), (dict(layers_pattern=3), "layers_pattern"),
+    (dict(layers_pattern="layers"), "layers_pattern"),
+    (dict(target_modules="all-linear", layers_to_transform=0), "layers_to_transform"),
 ])
 def test_bad_config_values(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}\b"):

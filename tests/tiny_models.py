@@ -75,7 +75,8 @@ def peft_lora_config(config, model):
     return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                            target_modules=config.target_modules, bias=config.bias, use_rslora=config.use_rslora,
                            rank_pattern=config.rank_pattern, alpha_pattern=config.alpha_pattern,
-                           exclude_modules=config.exclude_modules, fan_in_fan_out=model.config.model_type == "gpt2")
+                           exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
+                           layers_pattern=config.layers_pattern, fan_in_fan_out=model.config.model_type == "gpt2")
 
 
 # rank_pattern / alpha_pattern that pick layers of every family's default targets (llama q_proj, v_proj; gpt2

@@ -66,8 +66,9 @@ def _lora_fields(model, state) -> dict:
     targets = cfg.target_modules if cfg.target_modules is not None else default_lora_targets(model)
     return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets,
             "bias": cfg.bias, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "init_lora_weights": True,
-            "rank_pattern": cfg.rank_pattern, "alpha_pattern": cfg.alpha_pattern, "layers_to_transform": None,
-            "layers_pattern": None, "exclude_modules": cfg.exclude_modules}
+            "rank_pattern": cfg.rank_pattern, "alpha_pattern": cfg.alpha_pattern,
+            "layers_to_transform": cfg.layers_to_transform, "layers_pattern": cfg.layers_pattern,
+            "exclude_modules": cfg.exclude_modules}
 
 
 def _lora_expected(model, state) -> tuple:

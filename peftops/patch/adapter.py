@@ -194,7 +194,8 @@ def patch_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> nn.Mo
     explicit = config.target_modules is not None
     targets = config.target_modules if explicit else default_lora_targets(model)
     # validates everything before the model is touched
-    found = find_targets(model, targets, explicit, exclude=config.exclude_modules)
+    found = find_targets(model, targets, explicit, exclude=config.exclude_modules,
+                         layers=(config.layers_to_transform, config.layers_pattern))
     for attr in ("rank_pattern", "alpha_pattern"):  # as peft, which warns the same
         unmatched = [k for k in getattr(config, attr) if not any(matches_pattern(k, name) for name, _ in found)]
         if unmatched:

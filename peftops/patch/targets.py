@@ -57,6 +57,24 @@ def matches(targets, name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def layer_index(name: str, layers_pattern=None) -> "int | None":
+    """The layer index peft reads from a module name for layers_to_transform: the first number segment that follows
+    another segment, or follows one of `layers_pattern` when given; None when there is none."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    match = next((m for m in (re.match(r, name) for r in regexes) if m is not None), None)
+    return int(match.group("idx")) if match else None
+
+
+def in_layers(name: str, layers_to_transform, layers_pattern=None) -> bool:
+    """Whether a module is in the layers that layers_to_transform picks (every module when it is None or [])."""
+    if layers_to_transform is None or layers_to_transform == []:
+        return True
+    index = layer_index(name, layers_pattern)
+    wanted = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+    return index is not None and index in wanted
+
+
 ALL_LINEAR = "all-linear"
 
 
@@ -75,9 +93,11 @@ def all_linear_names(model: nn.Module) -> list:
     return [n for n, m in model.named_modules() if n and is_supported(m) and m is not output and id(m) not in skip]
 
 
-def find_targets(model: nn.Module, targets, explicit: bool, technique: str = "LoRA", exclude=None) -> list:
+def find_targets(model: nn.Module, targets, explicit: bool, technique: str = "LoRA", exclude=None,
+                 layers=(None, None)) -> list:
     """(name, module) for every module `targets` names and `exclude` (matched as peft matches exclude_modules, by the
-    same rule as targets) does not; ValueError naming what matches nothing or is unsupported."""
+    same rule as targets) does not, in the `layers` (layers_to_transform, layers_pattern) picked; ValueError naming
+    what matches nothing or is unsupported."""
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         targets = all_linear_names(model)
         if not targets:
@@ -95,10 +115,12 @@ def find_targets(model: nn.Module, targets, explicit: bool, technique: str = "Lo
     if exclude and not any(matches(exclude, n) for n, _ in model.named_modules() if n):
         warnings.warn(f"peftops: exclude_modules {exclude!r} match no module of {type(model).__name__} (as peft "
                       f"warns)", stacklevel=4)
-    found = [(n, m) for n, m in named if not (exclude and matches(exclude, n))]
+    found = [(n, m) for n, m in named if not (exclude and matches(exclude, n)) and in_layers(n, *layers)]
     if not found:
-        excluded = f" that exclude_modules {exclude!r} leaves" if named else ""
-        raise ValueError(f"target_modules {targets!r} match no module{excluded} of {type(model).__name__}")
+        limits = ([f"exclude_modules {exclude!r}"] if exclude else []) + \
+                 ([f"layers_to_transform {layers[0]!r}"] if layers[0] not in (None, []) else [])
+        left = f" that {' and '.join(limits)} leave" if named else ""
+        raise ValueError(f"target_modules {targets!r} match no module{left} of {type(model).__name__}")
     unsupported = [f"{n} ({type(m).__name__})" for n, m in found if not is_supported(m)]
     if unsupported:
         raise ValueError(f"target_modules {targets!r} name modules {technique} cannot adapt (it adapts nn.Linear and "
