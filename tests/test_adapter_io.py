@@ -241,6 +241,54 @@ def test_lora_only_biases_load_into_a_peft_model(tmp_path):
     assert_close(output(target, ids), output(ours, ids), what="peft model loaded by peftops")
 
 
+@pytest.mark.parametrize("task_type", [None, "SEQ_CLS"])
+def test_peft_bias_all_file_of_a_classification_model_loads(tmp_path, task_type):
+    # bias="all" saves the head's bias as an adapter bias without its weight (no task), or beside the whole head
+    # and, by the same rule, copies inside peft's head wrapper (SEQ_CLS): peft loads both, and so does peftops
+    import transformers
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, num_labels=3)
+
+    def build():
+        torch.manual_seed(0)
+        return transformers.BertForSequenceClassification(copy.deepcopy(config)).eval()
+
+    ref = peft.get_peft_model(build(), peft.LoraConfig(task_type=task_type, r=4, lora_alpha=8, bias="all"))
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    ref.save_pretrained(tmp_path)
+    ours = peftops.patch(build(), LoraConfig(r=4, alpha=8, bias="all"))
+    peftops.load_adapter(ours, str(tmp_path))
+    ids = input_ids(vocab=100)
+    assert_close(ours(input_ids=ids).logits, ref.eval()(input_ids=ids).logits, what="logits")
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=2), peftops.PrefixConfig(num_virtual_tokens=2),
+                                    peftops.BitFitConfig()], ids=["lora", "prefix", "bitfit"])
+def test_unreadable_files_are_clear_errors_naming_the_file(tmp_path, config):
+    model = peftops.patch(BUILDERS["bert"](), config)
+    peftops.save_adapter(model, str(tmp_path))
+    before = state(model)
+    [config_file] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    text = (tmp_path / config_file).read_text()
+    for bad, named in [("[1, 2]", "does not hold a JSON object"), ("null", "does not hold a JSON object"),
+                       ("{bad", "is not valid JSON")]:
+        (tmp_path / config_file).write_text(bad)
+        with pytest.raises(ValueError, match=f"{config_file} {named}"):
+            peftops.load_adapter(model, str(tmp_path))
+    (tmp_path / config_file).write_text(text)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file"):
+        peftops.load_adapter(model, str(tmp_path))
+    os.remove(tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_model.bin").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="adapter_model.bin: it is not plain tensor data"):
+        peftops.load_adapter(model, str(tmp_path))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("cls", ["BertForSequenceClassification", "LlamaForSequenceClassification"])
 def test_peft_classification_file_with_its_head_loads(tmp_path, cls):
     # peft's SEQ_CLS files carry the trained classification head (its modules_to_save) next to the LoRA weights:

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .peft_format import check_tensors, read_weights, write_weights
+from .peft_format import check_tensors, read_config, read_weights, write_weights
 
 
 def model_info(model) -> dict:
@@ -34,13 +34,10 @@ def load_own(model, path: str, config_name: str, header: dict, expected: dict, w
     file = os.path.join(path, config_name)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no {config_name} in {path}: not a peftops {what} adapter")
-    with open(file) as f:
-        saved = json.load(f)
-    if not isinstance(saved, dict) or saved.get("format") != header["format"] or \
-            saved.get("version") != header["version"]:
-        got = saved if not isinstance(saved, dict) else (saved.get("format"), saved.get("version"))
+    saved = read_config(file)
+    if saved.get("format") != header["format"] or saved.get("version") != header["version"]:
         raise ValueError(f"{file} is not a {header['format']} version {header['version']} file (format, version: "
-                         f"{got!r})")
+                         f"{(saved.get('format'), saved.get('version'))!r})")
     for field, value in header.items():
         if saved.get(field) != value:
             raise ValueError(f"adapter in {path} has {field}={saved.get(field)!r}, the patched model {value!r}")

@@ -182,6 +182,13 @@ def head_tensors(model, prefix: str) -> dict:
             for n, p in model.get_submodule(h).named_parameters()}
 
 
+def _without_head_wrapper_copies(loaded: dict, heads: list) -> dict:
+    """A peft file's tensors less the copies inside its head wrapper (`<head>.original_module.*`,
+    `<head>.modules_to_save.*`), which peft's bias="all" rule saves beside the head itself; peft's loader ignores them."""
+    wrappers = tuple(f"{_PREFIX}{h}.{part}." for h in heads for part in ("original_module", "modules_to_save"))
+    return {k: v for k, v in loaded.items() if not k.startswith(wrappers)} if wrappers else loaded
+
+
 def _without_unsaved_lora_only_biases(path: str, expected: dict, loaded: dict, bias: str) -> dict:
     """`expected` less the base-layer biases of `bias="lora_only"` when the file holds none of them: peft before 0.21
     saved none (its key rule missed `base_layer.bias`) and loads such a file keeping the model's biases, as here."""
@@ -199,6 +206,9 @@ def read_checked(path: str, expected: dict, heads: dict, loaded: dict | None = N
     carries (`heads`: file key -> live parameter), which is copied in after every check; the caller copies the rest
     (what the file has). A mismatch changes nothing."""
     loaded = read_weights(path) if loaded is None else loaded
+    # a head tensor that the adapter carries itself (a bias under bias="all") is the adapter's, whether or not the
+    # file holds the rest of the head
+    heads = {k: p for k, p in heads.items() if k not in expected}
     # a head module counts when the file has any of its tensors (then it must have them all): files differ in which
     # modules they carry (peftops' before it followed peft's suffix rule: classifier without pre_classifier)
     carried = {k.rsplit(".", 1)[0] for k in heads if k in loaded}
@@ -210,18 +220,36 @@ def read_checked(path: str, expected: dict, heads: dict, loaded: dict | None = N
     return loaded
 
 
+def read_config(file: str) -> dict:
+    """A JSON config file's object; ValueError naming the file when it is not one."""
+    try:
+        with open(file) as f:
+            saved = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{file} does not hold a JSON object (a config), but {type(saved).__name__}")
+    return saved
+
+
 def read_weights(path: str) -> dict:
     """The tensors of an adapter folder: safetensors, or a legacy .bin read only as plain data (weights_only)."""
     st, legacy = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, BIN_NAME)
     if os.path.isfile(st):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(st, device="cpu")
+        try:
+            return load_file(st, device="cpu")
+        except SafetensorError as e:
+            raise ValueError(f"{st} is not a readable safetensors file ({e})") from None
     if os.path.isfile(legacy):
         try:
             tensors = torch.load(legacy, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise ValueError(f"refusing {legacy}: it is not plain tensor data and loading it would run code ({e})") \
-                from None
+            raise ValueError(f"refusing {legacy}: it is not plain tensor data (it is corrupt, or loading it would run "
+                             f"code): {e}") from None
+        except (RuntimeError, EOFError) as e:
+            raise ValueError(f"{legacy} is not a readable torch file ({e})") from None
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise ValueError(f"{legacy} does not hold a dict of tensors")
         return tensors
@@ -233,8 +261,7 @@ def _check_config(path: str, technique: _Technique, expected):
     file = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(file):
         return
-    with open(file) as f:
-        saved = json.load(f)
+    saved = read_config(file)
     if saved.get("peft_type", "LORA") != technique.peft_type:
         raise ValueError(f"{file} is a {saved.get('peft_type')} adapter, but the model is patched with "
                          f"{technique.peft_type}")
@@ -275,7 +302,7 @@ def load_peft_format(model, state, path: str):
     """Everything is validated before any parameter changes, so a mismatch leaves the model as it was."""
     technique = _TECHNIQUES[type(state.config)]
     _check_config(path, technique, technique.expected(model, state))
-    loaded = read_weights(path)
+    loaded = _without_head_wrapper_copies(read_weights(path), head_task(model)[1])
     expected = _without_unsaved_lora_only_biases(path, adapter_tensors(model, state), loaded,
                                                  getattr(state.config, "bias", "none"))
     read_checked(path, expected, head_tensors(model, _PREFIX), loaded)

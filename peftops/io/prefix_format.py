@@ -9,7 +9,7 @@ import os
 import torch
 
 from ..patch import prefix
-from .peft_format import CONFIG_NAME, head_task, head_tensors, read_checked, write_weights
+from .peft_format import CONFIG_NAME, head_task, head_tensors, read_checked, read_config, write_weights
 
 KEY = "prompt_embeddings"
 _PREFIX = "base_model."  # peft's key prefix of a prompt-learning model's own modules (its classification head)
@@ -48,8 +48,7 @@ def load_prefix(model, state, path: str):
     """Everything is validated before any parameter changes, so a mismatch leaves the model as it was."""
     file = os.path.join(path, CONFIG_NAME)
     if os.path.isfile(file):
-        with open(file) as f:
-            saved = json.load(f)
+        saved = read_config(file)
         if saved.get("peft_type") != "PREFIX_TUNING":
             raise ValueError(f"{file} is a {saved.get('peft_type')} adapter, but the model is patched with "
                              "PREFIX_TUNING")
