@@ -1,5 +1,6 @@
 """Edges every op family shares: empty inputs, zero-width layers, second derivatives, arguments on the wrong
 device (meta included), peft's vector shapes for IA3, and torch.compile with dynamic shapes."""
+import numpy as np
 import pytest
 import torch
 
@@ -201,8 +202,15 @@ def test_the_device_check_traces_for_cuda():
                                      torch.ones(2), None), "multi_lora_linear: adapter_index must be"),
     (lambda x: ops.prefix_attention(x.view(1, 1, 3, 8), None, None, torch.randn(1, 2, 8), torch.randn(1, 2, 8)),
      "prefix_attention: k must be"),
+    (lambda x: ops.lora_linear(x.to_sparse(), torch.randn(5, 8), None, torch.randn(2, 8), torch.randn(5, 2), 1.0),
+     "lora_linear: x must be a dense \\(strided\\) tensor, got layout torch.sparse_coo"),
+    (lambda x: ops.bias_linear(x, torch.randn(5, 8).to_sparse_csr(), None), "bias_linear: weight must be a dense"),
+    (lambda x: ops.lora_linear(x, torch.randn(5, 8), None, torch.randn(2, 8), torch.randn(5, 2), 1.0,
+                               training=np.bool_(True)), "lora_linear: training must be a bool, got numpy.bool"),
+    (lambda x: ops.lora_linear(x, torch.randn(5, 8), None, torch.randn(2, 8), torch.randn(5, 2), "1.0"),
+     "lora_linear: scale must be a real number, got str"),
 ])
-def test_a_missing_tensor_is_named(call, match):
+def test_a_missing_tensor_or_a_wrong_type_is_named(call, match):
     with pytest.raises(TypeError, match=match):
         call(torch.randn(3, 8))
 

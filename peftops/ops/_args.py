@@ -4,11 +4,21 @@ import numbers
 import torch
 
 
+def _type_name(value) -> str:
+    """`float`, or `numpy.bool` for a type outside the builtins (a bare `bool` there would read as Python's)."""
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def check_tensors(op: str, optional=(), **args) -> None:
-    """TypeError naming the argument when one is not a tensor (None is allowed for the names in `optional`)."""
+    """TypeError naming the argument when one is not a dense tensor (None is allowed for the names in `optional`)."""
     for name, value in args.items():
-        if not isinstance(value, torch.Tensor) and not (value is None and name in optional):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+        if value is None and name in optional:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {_type_name(value)}")
+        if value.layout != torch.strided:
+            raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout {value.layout}")
 
 
 def as_float(op: str, name: str, value) -> float:
@@ -24,7 +34,7 @@ def as_float(op: str, name: str, value) -> float:
                              "(no gradient flows to it); pass a float or a detached tensor")
         return float(value.item())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+        raise TypeError(f"{op}: {name} must be a real number, got {_type_name(value)}")
     return float(value)
 
 
@@ -38,5 +48,5 @@ def check_flag(op: str, name: str, value) -> bool:
     """A bool keyword (`training`, `is_causal`, `feedforward`, `save_output`); TypeError naming it otherwise (None is
     not False)."""
     if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+        raise TypeError(f"{op}: {name} must be a bool, got {_type_name(value)}")
     return value
