@@ -184,7 +184,7 @@ def head_tensors(model, prefix: str) -> dict:
 
 def _without_head_wrapper_copies(loaded: dict, heads: list) -> dict:
     """A peft file's tensors less the copies inside its head wrapper (`<head>.original_module.*`,
-    `<head>.modules_to_save.*`), which peft's bias="all" rule saves beside the head itself; peft's loader ignores them."""
+    `<head>.modules_to_save.*`), which peft's bias="all" rule saves beside the head; peft's loader ignores them."""
     wrappers = tuple(f"{_PREFIX}{h}.{part}." for h in heads for part in ("original_module", "modules_to_save"))
     return {k: v for k, v in loaded.items() if not k.startswith(wrappers)} if wrappers else loaded
 
