@@ -51,6 +51,12 @@ def test_mask_rejects_bad_p():
         torch.ops.peftops.dropout_keep_mask([4], 1.0, torch.tensor(0))
 
 
+@pytest.mark.parametrize("shape", [(3, 0), (0, 5), (0,)])
+def test_dropout_of_an_empty_input_is_empty(shape):
+    x = torch.randn(shape)
+    assert torch.ops.peftops.dropout(x, 0.5, torch.tensor(1)).shape == x.shape
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_mask_equals_cpu_mask():
@@ -58,3 +64,12 @@ def test_cuda_mask_equals_cpu_mask():
     cpu = torch.ops.peftops.dropout_keep_mask([333, 77], 0.3, seed)
     gpu = torch.ops.peftops.dropout_keep_mask([333, 77], 0.3, seed.cuda())
     assert torch.equal(cpu, gpu.cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_dropout_with_a_bad_seed_is_a_value_error():
+    x = torch.randn(4, 8, device="cuda")
+    for seed in (torch.tensor(7), torch.tensor(7.9, device="cuda")):  # on the CPU; not int64
+        with pytest.raises(ValueError, match="seed must be one int64"):
+            torch.ops.peftops.dropout(x, 0.5, seed)

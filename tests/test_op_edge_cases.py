@@ -473,6 +473,23 @@ def test_float16_lora_backward_scales_before_it_can_overflow():
         assert all(torch.equal(g.isfinite(), e.isfinite()) for g, e in zip(grads, expected))
 
 
+def test_float16_bottleneck_backward_scales_before_it_can_overflow():
+    # PyTorch's autograd of residual + s * up(...) scales dy first: dy^T [f(a) | 1] and dy Wu that pass 65504 must
+    # stay finite where s brings them back
+    h = torch.ones(400, 8).half().requires_grad_()
+    w_down, w_up = torch.full((4, 8), 0.1).half().requires_grad_(), torch.full((8, 4), 0.1).half().requires_grad_()
+    b_up = torch.zeros(8).half().requires_grad_()
+    dy = torch.full((400, 8), 200.0).half()  # column sums 80000
+    got = torch.autograd.grad(ops.adapter_bottleneck(h, w_down, None, w_up, b_up, scale=0.25),
+                              (h, w_down, w_up, b_up), dy)
+    expected = torch.autograd.grad(reference.adapter_bottleneck(h, w_down, None, w_up, b_up, scale=0.25),
+                                   (h, w_down, w_up, b_up), dy)
+    for g, e in zip(got, expected):
+        assert g.isfinite().all()
+        torch.testing.assert_close(g.float(), e.float(), rtol=2e-3, atol=1e-3)
+    assert torch.equal(got[3], b_up.new_full((8,), 20000.0))
+
+
 def test_the_multi_lora_fallback_keeps_a_nan_row_in_its_adapter(monkeypatch):
     x = torch.randn(4, 8)
     x[0, 3] = float("nan")  # a row of adapter 0

@@ -101,8 +101,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_bottleneck_backward(
   const auto empty = [&] { return at::empty({0}, h.options()); };
   const auto dy = rows(grad_out), h2 = rows(h);
   Tensor dh = empty(), dwd = empty(), dbd = empty(), dwu = empty(), dbu = empty();
+  // s goes into the products (common/products.h), as PyTorch's autograd scales dy first: a 16-bit dy^T f(a) or dy Wu
+  // can overflow before a small s would bring it back
   if (need_wu || need_bu) {  // [dWu | dbu] = s dy^T [f(a) | 1]
-    const auto grad_up = at::mm(dy.t(), activation_op().call(a, activation, has_b_up)).mul_(scale);
+    const auto grad_up = scaled_product(dy.t(), activation_op().call(a, activation, has_b_up), scale);
     if (need_wu) dwu = grad_up.narrow(1, 0, w_up.size(1)).contiguous();
     if (need_bu) dbu = grad_up.select(1, w_up.size(1)).contiguous();
   }
@@ -110,7 +112,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> adapter_bottleneck_backward(
     static auto grad_op = c10::Dispatcher::singleton()
                               .findSchemaOrThrow("peftops::bottleneck_activation_backward", "")
                               .typed<Tensor(const Tensor&, const Tensor&, int64_t, double)>();
-    const auto da = grad_op.call(at::mm(dy, w_up), a, activation, scale);  // s (dy Wu) o f'(a)
+    const auto da = grad_op.call(scaled_product(dy, w_up, scale), a, activation, 1.0);  // s (dy Wu) o f'(a)
     if (need_wd) dwd = at::mm(da.t(), h2);
     if (need_bd) dbd = da.sum(0);
     if (need_h) dh = (residual_is_h ? at::addmm(dy, da, w_down) : at::mm(da, w_down)).view(h.sizes());

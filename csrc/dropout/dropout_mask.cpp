@@ -34,6 +34,7 @@ static at::Tensor dropout_keep_mask_cpu(c10::IntArrayRef size, double p, const a
 // regenerates, for compositions that need the dropped input itself (transiently, never saved).
 static at::Tensor dropout(const at::Tensor& x, double p, const at::Tensor& seed) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout: p must be in [0, 1), got ", p);
+  if (x.numel() == 0) return x.clone();  // nothing to drop (and no [-1, 0] view to take)
   return dropped(x.contiguous().view({-1, x.dim() ? x.size(-1) : 1}), seed, p).view(x.sizes());
 }
 

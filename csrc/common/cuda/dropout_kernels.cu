@@ -88,8 +88,9 @@ void dropout_apply(const at::Tensor& src, at::Tensor& dst, const std::optional<a
               "dropout_apply: expects two 2-D matrices of one shape with unit column stride");
   TORCH_CHECK(src.scalar_type() == dst.scalar_type(), "dropout_apply: src and dst dtypes differ");
   const bool masked = p > 0.0 && seed.has_value() && seed->defined();
-  TORCH_CHECK(!masked || (seed->device() == src.device() && seed->scalar_type() == at::kLong && seed->numel() == 1),
-              "dropout_apply: seed must be one int64 on the input's device");
+  TORCH_CHECK_VALUE(!masked || (seed->device() == src.device() && seed->scalar_type() == at::kLong &&
+                                 seed->numel() == 1),
+                    "dropout: the seed must be one int64 on the input's device (", src.device(), ")");
   const bool has_bias = bias.has_value() && bias->defined(), has_res = residual.has_value() && residual->defined();
   TORCH_CHECK(!has_bias || (bias->is_contiguous() && bias->numel() == src.size(1)), "dropout_apply: bad bias");
   TORCH_CHECK(!has_res || (residual->sizes() == src.sizes() && unit_columns(*residual)), "dropout_apply: bad residual");
