@@ -134,11 +134,10 @@ def adapter_bottleneck(h, w_down, b_down, w_up, b_up, activation="relu", scale=1
     return (h if residual is None else residual) + scale * up
 
 
-def prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
-                     seed=None):
-    """Softmax attention over cat([prefix, k]) with the prefix expanded over the batch and the kv heads repeated for
-    grouped-query attention: what peftops.ops.prefix_attention computes without building any of it. With a dropout
-    seed, the probabilities [B, Hq, L, P + S] go through the kernels' mask."""
+def concatenated_prefix(q, k, v, prefix_k, prefix_v, attn_mask=None, is_causal=False):
+    """(keys, values, allowed) of attention over cat([prefix, k]): the prefix expanded over the batch, the kv heads
+    repeated for grouped-query attention, and the [B, 1, L, P + S] mask of the keys each query sees (the prefix
+    always; `attn_mask` and `is_causal` over the sequence part)."""
     B, Hq, L, _ = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if prefix_k.dim() == 3:
@@ -153,6 +152,15 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=None, is_causal=Fals
     if is_causal:  # aligned to the end of the sequence: query l sees keys j <= l + S - L
         allowed = allowed & torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)
     allowed = torch.cat([torch.ones(B, 1, L, P, dtype=torch.bool, device=q.device), allowed], -1)
+    return keys, values, allowed
+
+
+def prefix_attention(q, k, v, prefix_k, prefix_v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
+                     seed=None):
+    """Softmax attention over cat([prefix, k]) with the prefix expanded over the batch and the kv heads repeated for
+    grouped-query attention: what peftops.ops.prefix_attention computes without building any of it. With a dropout
+    seed, the probabilities [B, Hq, L, P + S] go through the kernels' mask."""
+    keys, values, allowed = concatenated_prefix(q, k, v, prefix_k, prefix_v, attn_mask, is_causal)
     if dropout_p == 0.0 or seed is None:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)
     scores = (q @ keys.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)

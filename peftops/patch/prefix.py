@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops import reference
 from ..config import PrefixConfig
 from ..layers.wrapped import adapter_dtype
 from .adapter import STATE_ATTR, check_unpatched, freeze, restore_flags
@@ -156,16 +157,7 @@ def _mask_is_causal(allowed, padding, causal: bool) -> bool:
 
 def _materialised(q, k, v, pk, pv, padding, causal, scale, dropout):
     """SDPA over the concatenated prefix and keys, with torch's attention dropout: peft's computation, RNG included."""
-    B, Hkv, S, _ = k.shape
-    L, P, rep = q.shape[2], pk.shape[-2], q.shape[1] // Hkv
-    keys, values = (torch.cat([p.expand(B, -1, -1, -1), t], 2).repeat_interleave(rep, 1)
-                    for p, t in ((pk, k), (pv, v)))
-    allowed = torch.ones(B, 1, L, S, dtype=torch.bool, device=q.device)
-    if padding is not None:
-        allowed = allowed & padding[:, None, None, :]
-    if causal:
-        allowed = allowed & torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)
-    allowed = torch.cat([allowed.new_ones(B, 1, L, P), allowed], -1)
+    keys, values, allowed = reference.concatenated_prefix(q, k, v, pk, pv, padding, causal)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, dropout_p=dropout, scale=scale)
 
 
