@@ -16,6 +16,13 @@ def _positive_number(name, value):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
+def _check_regex(name, value: str):
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ValueError(f"{name}: {value!r} is not a valid regular expression ({e})") from None
+
+
 def _patterns(name, value, check) -> dict:
     """peft's rank_pattern / alpha_pattern: {module-name pattern: value}, each value passing `check`."""
     if not isinstance(value, dict):
@@ -23,10 +30,7 @@ def _patterns(name, value, check) -> dict:
     for key, v in value.items():
         if not isinstance(key, str) or not key:
             raise ValueError(f"{name}: keys must be non-empty module-name patterns, got {key!r}")
-        try:
-            re.compile(key)
-        except re.error as e:
-            raise ValueError(f"{name}: {key!r} is not a valid regular expression ({e})") from None
+        _check_regex(name, key)
         check(f"{name}[{key!r}]", v)
     return dict(value)
 
@@ -54,10 +58,7 @@ def _module_names(name, value, allow_empty=False):
     if isinstance(value, str):
         if not value:
             raise ValueError(f"{name} must not be an empty string")
-        try:
-            re.compile(value)
-        except re.error as e:
-            raise ValueError(f"{name}: {value!r} is not a valid regular expression ({e})") from None
+        _check_regex(name, value)
         return value
     if isinstance(value, (list, tuple, set, frozenset)):
         items = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
