@@ -49,14 +49,18 @@ def test_matches_peft(family, config):
     check_against_peft(ours.train(), ref.train(), input_ids())
 
 
+def lora_layers(model) -> dict:
+    """Module name in the transformers model -> LoRA layer, of ours or of a peft model."""
+    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules()
+            if isinstance(m, (LoraLinear, peft.tuners.lora.LoraLayer))}
+
+
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_rank_and_alpha_patterns_pick_the_layers_peft_picks(family, use_rslora):
     config = LoraConfig(r=4, alpha=8, use_rslora=use_rslora, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN)
     ours, ref = patched_pair(BUILDERS[family], config)
-    peft_layers = {n.removeprefix("base_model.model."): m for n, m in ref.named_modules()
-                   if isinstance(m, peft.tuners.lora.LoraLayer)}
-    ours_layers = {n: m for n, m in ours.named_modules() if isinstance(m, LoraLinear)}
+    peft_layers, ours_layers = lora_layers(ref), lora_layers(ours)
     assert ours_layers.keys() == peft_layers.keys()
     for name, layer in ours_layers.items():
         assert (layer.r, layer.scaling) == (peft_layers[name].r["default"], peft_layers[name].scaling["default"]), name
@@ -71,11 +75,9 @@ def test_rank_and_alpha_patterns_pick_the_layers_peft_picks(family, use_rslora):
                          ids=["list", "regex"])
 def test_exclude_modules_as_peft(family, exclude):
     ours, ref = patched_pair(BUILDERS[family], LoraConfig(target_modules="all-linear", exclude_modules=exclude))
-    adapted = {n for n, m in ours.named_modules() if isinstance(m, LoraLinear)}
-    assert adapted == {n.removeprefix("base_model.model.") for n, m in ref.named_modules()
-                       if isinstance(m, peft.tuners.lora.LoraLayer)}
-    all_linear = peftops.patch(BUILDERS[family](), LoraConfig(target_modules="all-linear"))
-    everything = {n for n, m in all_linear.named_modules() if isinstance(m, LoraLinear)}
+    adapted = lora_layers(ours).keys()
+    assert adapted == lora_layers(ref).keys()
+    everything = lora_layers(peftops.patch(BUILDERS[family](), LoraConfig(target_modules="all-linear"))).keys()
     assert adapted and adapted < everything  # some layers left out, some adapted
     check_against_peft(ours.train(), ref.train(), input_ids())
 
@@ -85,9 +87,8 @@ def test_exclude_modules_as_peft(family, exclude):
                                     dict(layers_to_transform=[0])], ids=["index-patterns", "list"])
 def test_layers_to_transform_as_peft(family, layers):
     ours, ref = patched_pair(BUILDERS[family], LoraConfig(**layers))
-    adapted = {n for n, m in ours.named_modules() if isinstance(m, LoraLinear)}
-    assert adapted == {n.removeprefix("base_model.model.") for n, m in ref.named_modules()
-                       if isinstance(m, peft.tuners.lora.LoraLayer)}
+    adapted = lora_layers(ours).keys()
+    assert adapted == lora_layers(ref).keys()
     index = layers["layers_to_transform"]
     assert adapted and all(f".{index if isinstance(index, int) else index[0]}." in n for n in adapted)
     check_against_peft(ours.train(), ref.train(), input_ids())
