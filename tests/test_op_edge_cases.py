@@ -457,37 +457,40 @@ def test_dora_norm_with_a_nearly_rank_one_adapter_and_a_float16_overflow():
     torch.testing.assert_close(ops.dora_linear(x, w, None, a, b, m, 1.0).double(), expected, rtol=2e-3, atol=1e-3)
 
 
-def test_float16_lora_backward_scales_before_it_can_overflow():
+@pytest.mark.parametrize("scale", [0.25, 0.0])
+def test_float16_lora_backward_scales_before_it_can_overflow(scale):
     # peft's gradient is (scale dy) B: a loss-scaled float16 dy whose dy B passes 65504 must stay finite for scale < 1
+    # (at scale 0 too: dy B * 0 would be inf * 0)
     x = torch.randn(4, 16).half().requires_grad_()
     w, a = (torch.randn(64, 16) / 4).half(), (torch.randn(4, 16) / 4).half().requires_grad_()
     b = torch.full((64, 4), 0.5).half().requires_grad_()
     dy = torch.full((4, 64), 4000.0).half()  # dy @ b = 128000
-    calls = [lambda: ops.lora_linear(x, w, None, a, b, 0.25),
-             lambda: ops.multi_lora_linear(x, w, None, a[None], b[None], torch.tensor([0.25]), torch.zeros(4).long()),
-             lambda: ops.dora_linear(x, w, None, a, b, torch.ones(64).half(), 0.25)]
-    expected = torch.autograd.grad(reference.lora_linear(x, w, None, a, b, 0.25), (x, a, b), dy)
+    calls = [lambda: ops.lora_linear(x, w, None, a, b, scale),
+             lambda: ops.multi_lora_linear(x, w, None, a[None], b[None], torch.tensor([scale]), torch.zeros(4).long()),
+             lambda: ops.dora_linear(x, w, None, a, b, torch.ones(64).half(), scale)]
+    expected = torch.autograd.grad(reference.lora_linear(x, w, None, a, b, scale), (x, a, b), dy)
     assert expected[0].isfinite().all()  # (dA = (s dy B)^T x overflows in peft's arithmetic too)
     for call in calls:
         grads = torch.autograd.grad(call(), (x, a, b), dy)
         assert all(torch.equal(g.isfinite(), e.isfinite()) for g, e in zip(grads, expected))
 
 
-def test_float16_bottleneck_backward_scales_before_it_can_overflow():
+@pytest.mark.parametrize("scale", [0.25, 0.0])
+def test_float16_bottleneck_backward_scales_before_it_can_overflow(scale):
     # PyTorch's autograd of residual + s * up(...) scales dy first: dy^T [f(a) | 1] and dy Wu that pass 65504 must
     # stay finite where s brings them back
     h = torch.ones(400, 8).half().requires_grad_()
     w_down, w_up = torch.full((4, 8), 0.1).half().requires_grad_(), torch.full((8, 4), 0.1).half().requires_grad_()
     b_up = torch.zeros(8).half().requires_grad_()
     dy = torch.full((400, 8), 200.0).half()  # column sums 80000
-    got = torch.autograd.grad(ops.adapter_bottleneck(h, w_down, None, w_up, b_up, scale=0.25),
+    got = torch.autograd.grad(ops.adapter_bottleneck(h, w_down, None, w_up, b_up, scale=scale),
                               (h, w_down, w_up, b_up), dy)
-    expected = torch.autograd.grad(reference.adapter_bottleneck(h, w_down, None, w_up, b_up, scale=0.25),
+    expected = torch.autograd.grad(reference.adapter_bottleneck(h, w_down, None, w_up, b_up, scale=scale),
                                    (h, w_down, w_up, b_up), dy)
     for g, e in zip(got, expected):
         assert g.isfinite().all()
         torch.testing.assert_close(g.float(), e.float(), rtol=2e-3, atol=1e-3)
-    assert torch.equal(got[3], b_up.new_full((8,), 20000.0))
+    assert torch.equal(got[3], b_up.new_full((8,), 80000.0 * scale))
 
 
 def test_the_multi_lora_fallback_keeps_a_nan_row_in_its_adapter(monkeypatch):
