@@ -52,13 +52,21 @@ def check_same(ours, ref, name_map=lambda n: n, ids=None, rtol=1e-5):
     ref.zero_grad()
 
 
+def ia3_layers(model) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, peftops.layers.Ia3Linear)}
+
+
+def peft_ia3_layers(model) -> dict:
+    """peft's IA3 layers under the base model's module names."""
+    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules()
+            if isinstance(m, peft.tuners.ia3.layer.Linear)}
+
+
 @pytest.mark.parametrize("explicit", [False, True], ids=["defaults", "explicit"])
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_adapter_mode_matches_peft(family, explicit, op_calls):
     ours, ref = ia3_pair(with_random_biases(BUILDERS[family]), EXPLICIT[family] if explicit else None)
-    layers = {n: m for n, m in ours.named_modules() if isinstance(m, peftops.layers.Ia3Linear)}
-    peft_layers = {n.removeprefix("base_model.model."): m for n, m in ref.named_modules()
-                   if isinstance(m, peft.tuners.ia3.layer.Linear)}
+    layers, peft_layers = ia3_layers(ours), peft_ia3_layers(ref)
     assert layers.keys() == peft_layers.keys()
     assert {n: m.feedforward for n, m in layers.items()} == {n: m.is_feedforward for n, m in peft_layers.items()}
     assert any(m.feedforward for m in layers.values()) == (family != "bert" or not explicit)
@@ -71,11 +79,9 @@ def test_exclude_modules_as_peft(family):
     # peft's family defaults less one module kind (and layer 0's everything, by regex on the other families)
     exclude = {"llama": ["down_proj"], "gpt2": r".*\.0\..*", "bert": ["attention.self.key"]}[family]
     ours, ref = ia3_pair(with_random_biases(BUILDERS[family]), IA3Config(exclude_modules=exclude))
-    layers = {n for n, m in ours.named_modules() if isinstance(m, peftops.layers.Ia3Linear)}
-    assert layers == {n.removeprefix("base_model.model.") for n, m in ref.named_modules()
-                      if isinstance(m, peft.tuners.ia3.layer.Linear)}
-    full = ia3_pair(BUILDERS[family])[0]
-    assert layers and layers < {n for n, m in full.named_modules() if isinstance(m, peftops.layers.Ia3Linear)}
+    layers = ia3_layers(ours).keys()
+    assert layers == peft_ia3_layers(ref).keys()
+    assert layers and layers < ia3_layers(ia3_pair(BUILDERS[family])[0]).keys()
     check_same(ours.train(), ref.train(), ours_to_peft_name)
 
 

@@ -176,9 +176,10 @@ def head_task(model) -> tuple:
     return None, []
 
 
-def head_tensors(model, prefix: str) -> dict:
-    """File key -> live parameter of the model's classification head (peft's key layout under `prefix`)."""
-    return {f"{prefix}{h}.{n}": p for h in head_task(model)[1]
+def head_tensors(model, prefix: str, heads=None) -> dict:
+    """File key -> live parameter of the model's classification head (peft's key layout under `prefix`); `heads`:
+    head_task's names where the caller has them."""
+    return {f"{prefix}{h}.{n}": p for h in (head_task(model)[1] if heads is None else heads)
             for n, p in model.get_submodule(h).named_parameters()}
 
 
@@ -302,10 +303,11 @@ def load_peft_format(model, state, path: str):
     """Everything is validated before any parameter changes, so a mismatch leaves the model as it was."""
     technique = _TECHNIQUES[type(state.config)]
     _check_config(path, technique, technique.expected(model, state))
-    loaded = _without_head_wrapper_copies(read_weights(path), head_task(model)[1])
+    heads = head_task(model)[1]
+    loaded = _without_head_wrapper_copies(read_weights(path), heads)
     expected = _without_unsaved_lora_only_biases(path, adapter_tensors(model, state), loaded,
                                                  getattr(state.config, "bias", "none"))
-    read_checked(path, expected, head_tensors(model, _PREFIX), loaded)
+    read_checked(path, expected, head_tensors(model, _PREFIX, heads), loaded)
     with torch.no_grad():
         for key, param in expected.items():
             if key in loaded:
