@@ -9,7 +9,8 @@ import torch
 import peftops
 from peftops import LoraConfig
 from tiny_models import (ALPHA_PATTERN, BUILDERS, RANK_PATTERN, assert_close, input_ids, output,
-                         outputs_match_then_backward, peft_lora_config, randomize_lora, tiny_llama)
+                         ours_to_peft_name, outputs_match_then_backward, peft_lora_config, randomize_lora,
+                         tiny_llama)
 
 peft = pytest.importorskip("peft")
 
@@ -25,31 +26,22 @@ def randomize_magnitudes(model, seed=3):
                 p.mul_(torch.rand(p.shape, generator=g) + 0.5)
 
 
-def peft_name(name):
-    """Our adapter-mode parameter name -> peft's (adapter "default")."""
-    suffix = ".weight" if name.endswith((".lora_A", ".lora_B", ".lora_magnitude_vector")) else ""
-    name = name + ".default" + suffix if suffix else name
-    return "base_model.model." + name
-
-
 def dora_pair(family, **kwargs):
     """(ours in adapter mode, peft) with DoRA on the same base weights and the same random factors and magnitudes."""
     config = LoraConfig(r=4, alpha=8, use_dora=True, target_modules=TARGETS[family], **kwargs)
     base = BUILDERS[family]()
-    ref_config = peft_lora_config(config, base)
-    ref_config.use_dora = True
-    ref = peft.get_peft_model(copy.deepcopy(base), ref_config)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft_lora_config(config, base))
     ours = peftops.patch(base, config)
     ref_params = dict(ref.named_parameters())
     for name, p in ours.named_parameters():  # peft's initialisation: the magnitudes are the row norms of W
         if "lora_magnitude_vector" in name:
-            assert torch.equal(p, ref_params[peft_name(name)]), name
+            assert torch.equal(p, ref_params[ours_to_peft_name(name)]), name
     randomize_lora(ours)
     randomize_magnitudes(ours)
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if p.requires_grad:
-                ref_params[peft_name(name)].copy_(p)
+                ref_params[ours_to_peft_name(name)].copy_(p)
     return ours, ref
 
 
@@ -83,7 +75,7 @@ def spy(monkeypatch, op):
 def test_adapter_dora_matches_peft(family, monkeypatch):
     calls = spy(monkeypatch, "dora_linear")
     ours, ref = dora_pair(family)
-    check_outputs_and_grads(ours.train(), ref.train(), peft_name)
+    check_outputs_and_grads(ours.train(), ref.train(), ours_to_peft_name)
     assert len(calls) == sum(isinstance(m, peftops.layers.lora.LoraLinear) for m in ours.modules()) > 0
 
 
@@ -91,7 +83,7 @@ def test_adapter_dora_matches_peft(family, monkeypatch):
 def test_adapter_dora_with_rank_and_alpha_patterns_matches_peft(family):
     ours, ref = dora_pair(family, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN)
     assert len({m.r for m in ours.modules() if isinstance(m, peftops.layers.lora.LoraLinear)}) >= 2
-    check_outputs_and_grads(ours.train(), ref.train(), peft_name)
+    check_outputs_and_grads(ours.train(), ref.train(), ours_to_peft_name)
 
 
 def test_adapter_dora_dropout_in_eval_and_merge():
@@ -194,9 +186,9 @@ def test_a_base_weight_made_trainable_gets_its_gradient():
     ours, ref = dora_pair("llama", dropout=0.0)
     name = "model.layers.0.self_attn.q_proj.base_layer.weight"
     ours.get_parameter(name).requires_grad_(True)
-    ref.get_parameter(peft_name(name)).requires_grad_(True)
+    ref.get_parameter(ours_to_peft_name(name)).requires_grad_(True)
     with pytest.warns(UserWarning, match="base weight is trainable"):
-        check_outputs_and_grads(ours, ref, peft_name)
+        check_outputs_and_grads(ours, ref, ours_to_peft_name)
     assert ours.get_parameter(name).grad.abs().sum() > 0
 
 

@@ -13,7 +13,7 @@ from ia3_helpers import ia3_pair, ours_to_peft_name, peft_ia3_config, randomize_
 from peftops import IA3Config
 from peftops.layers import Ia3Linear
 from tiny_models import (BUILDERS, assert_close, input_ids, output, outputs_match_then_backward, tiny_bert,
-                         tiny_llama)
+                         tiny_llama, with_own_forwards)
 
 peft = pytest.importorskip("peft")
 
@@ -351,6 +351,14 @@ def test_half_precision_model_keeps_float32_vectors_as_peft():
     torch.testing.assert_close(out.float(), output(ref, ids).float(), rtol=0.02, atol=0.02)
     out.float().square().mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters() if p.requires_grad)
+
+
+def test_a_base_layer_with_its_own_forward_or_hooks_is_called_as_peft_calls_it():
+    # the fused ops (ia3_glu_linear in Llama's MLP too) read the weight and would skip a subclass's forward or a hook
+    config = IA3Config(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    ours, ref = ia3_pair(lambda: with_own_forwards(tiny_llama()), config)
+    with pytest.warns(UserWarning, match=r"base layer \(ScaledLinear\) has a forward of its own or hooks"):
+        check_same(ours.train(), ref.train(), ours_to_peft_name)
 
 
 @pytest.mark.parametrize("feedforward", [False, True])

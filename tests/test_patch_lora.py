@@ -10,7 +10,8 @@ import peftops
 from peftops import LoraConfig
 from peftops.layers import LoraLinear
 from tiny_models import (ALPHA_PATTERN, BUILDERS, RANK_PATTERN, assert_close, input_ids, loss_of, minilm, output,
-                         ours_to_peft_name, patched_pair, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama)
+                         ours_to_peft_name, patched_pair, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama,
+                         with_own_forwards)
 
 peft = pytest.importorskip("peft")
 
@@ -122,6 +123,23 @@ def test_a_base_weight_made_trainable_gets_its_gradient():
     with pytest.warns(UserWarning, match="base weight is trainable"):
         check_against_peft(ours.eval(), ref.eval(), input_ids())
     assert ours.get_parameter(name).grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_base_layer_with_its_own_forward_or_hooks_is_called_as_peft_calls_it(use_dora):
+    # a fused op reads the weight and never calls the base layer: a subclass's forward, or a hook, would be skipped
+    config = LoraConfig(r=4, alpha=8, use_dora=use_dora, target_modules=["q_proj", "v_proj", "down_proj", "k_proj"])
+    ours, ref = patched_pair(lambda: with_own_forwards(tiny_llama()), config)
+    with pytest.warns(UserWarning, match=r"base layer \(ScaledLinear\) has a forward of its own or hooks"):
+        check_against_peft(ours, ref, input_ids())
+    ops_calls = []
+    fused = peftops.ops.dora_linear if use_dora else peftops.ops.lora_linear
+    layer = ours.model.layers[0].self_attn.k_proj  # a plain one stays fused
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(peftops.ops, fused.__name__, lambda *a, **k: ops_calls.append(1) or fused(*a, **k))
+        layer(torch.randn(2, layer.in_features))
+        ours.model.layers[0].self_attn.q_proj(torch.randn(2, layer.in_features))
+    assert len(ops_calls) == 1
 
 
 def test_matches_peft_on_every_linear_by_regex():
@@ -454,7 +472,7 @@ def test_half_precision_model_keeps_float32_adapters_as_peft(use_dora):
         for name, p in ours.named_parameters():
             if "magnitude" in name:
                 p.mul_(1.5)
-                ref_params[ours_to_peft_name(name) + ".default.weight"].copy_(p)
+                ref_params[ours_to_peft_name(name)].copy_(p)
     merged, ref_merged = peftops.merge(ours), ref.merge_and_unload()
     for (name, w), (_, w_ref) in zip(merged.named_parameters(), ref_merged.named_parameters()):
         assert torch.equal(w, w_ref), name

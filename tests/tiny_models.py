@@ -5,6 +5,7 @@ import math
 import os
 
 import torch
+from torch import nn
 
 VOCAB = 64
 
@@ -74,6 +75,7 @@ def peft_lora_config(config, model):
     import peft
     return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                            target_modules=config.target_modules, bias=config.bias, use_rslora=config.use_rslora,
+                           use_dora=config.use_dora,
                            rank_pattern=config.rank_pattern, alpha_pattern=config.alpha_pattern,
                            exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
                            layers_pattern=config.layers_pattern, fan_in_fan_out=model.config.model_type == "gpt2")
@@ -96,8 +98,9 @@ def randomize_lora(model, seed=2):
 
 
 def ours_to_peft_name(name):
-    """`layers.0.q_proj.lora_A` -> `base_model.model.layers.0.q_proj.lora_A.default.weight`."""
-    if name.endswith((".lora_A", ".lora_B")):
+    """`layers.0.q_proj.lora_A` -> `base_model.model.layers.0.q_proj.lora_A.default.weight` (the same for lora_B and
+    DoRA's lora_magnitude_vector)."""
+    if name.endswith((".lora_A", ".lora_B", ".lora_magnitude_vector")):
         name += ".default.weight"
     return "base_model.model." + name
 
@@ -116,6 +119,34 @@ def patched_pair(builder, config, seed=2):
             if "lora_" in name:
                 ref_params[ours_to_peft_name(name)].copy_(p)
     return ours, ref
+
+
+class ScaledLinear(nn.Linear):
+    """An nn.Linear subclass with a forward of its own (as some model families have), which a fused op reading the
+    weight would skip."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def with_own_forwards(model):
+    """A tiny Llama whose layer-0 q_proj is a ScaledLinear and whose layer-1 v_proj and down_proj carry forward hooks
+    (a hook that changes the output, and one that only reads it)."""
+    attn = model.model.layers[0].self_attn
+    scaled = ScaledLinear(attn.q_proj.in_features, attn.q_proj.out_features, bias=attn.q_proj.bias is not None)
+    scaled.load_state_dict(attn.q_proj.state_dict())
+    attn.q_proj = scaled
+    model.model.layers[1].self_attn.v_proj.register_forward_hook(_add_one)
+    model.model.layers[1].mlp.down_proj.register_forward_pre_hook(_reads_only)
+    return model
+
+
+def _add_one(module, args, out):
+    return out + 1
+
+
+def _reads_only(module, args):
+    return None
 
 
 def outputs_from_threads(calls, repeats):

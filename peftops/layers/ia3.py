@@ -4,8 +4,8 @@ from torch import nn
 
 from .. import ops
 from ..ops import reference
-from .wrapped import (WrapsLayer, adapter_dtype, base_weight, cast_to, unfused_for_base_grad, wants_base_grad,
-                      wrapped_shape)
+from .wrapped import (WrapsLayer, adapter_dtype, base_weight, cast_to, plain_base, unfused_for_base_grad,
+                      unfused_for_own_forward, wants_base_grad, wrapped_shape)
 
 
 class Ia3Linear(WrapsLayer, nn.Module):
@@ -31,14 +31,17 @@ class Ia3Linear(WrapsLayer, nn.Module):
         if self.merged:
             return self.base_layer(x)
         weight = base_weight(self.base_layer)
-        if unfused_for_base_grad(weight):
-            return reference.ia3_composed(x, weight, self.base_layer.bias, self._scale(), self.feedforward)
+        own_forward = unfused_for_own_forward(self.base_layer, x)
+        if own_forward or unfused_for_base_grad(weight):
+            return reference.ia3_composed(x, weight, self.base_layer.bias, self._scale(), self.feedforward,
+                                          self.base_layer if own_forward else None)
         return ops.ia3_linear(x, weight, self.base_layer.bias, self._scale(), feedforward=self.feedforward)
 
     def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """This feed-forward layer over a gated block's product `gate * up`, keeping only the two factors for
         backward (ops.ia3_glu_linear); peftops.patch routes Llama-style MLPs through it."""
-        if self.merged or not self.feedforward or wants_base_grad(self.base_layer.weight):
+        if self.merged or not self.feedforward or wants_base_grad(self.base_layer.weight) or \
+                not plain_base(self.base_layer, gate):
             return self(gate * up)
         return ops.ia3_glu_linear(gate, up, base_weight(self.base_layer), self.base_layer.bias, self._scale())
 

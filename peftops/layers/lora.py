@@ -8,7 +8,8 @@ from torch import nn
 
 from .. import ops
 from ..ops import reference
-from .wrapped import WrapsLayer, adapter_dtype, base_weight, cast_to, unfused_for_base_grad, wrapped_shape
+from .wrapped import (WrapsLayer, adapter_dtype, base_weight, cast_to, unfused_for_base_grad, unfused_for_own_forward,
+                      wrapped_shape)
 
 
 class LoraLinear(WrapsLayer, nn.Module):
@@ -40,11 +41,13 @@ class LoraLinear(WrapsLayer, nn.Module):
         weight = base_weight(self.base_layer)
         a, b, bias = cast_to(self.lora_A, weight.dtype), cast_to(self.lora_B, weight.dtype), self.base_layer.bias
         magnitude = cast_to(self.lora_magnitude_vector, weight.dtype) if self.use_dora else None
-        if unfused_for_base_grad(weight):
+        own_forward = unfused_for_own_forward(self.base_layer, x)
+        if own_forward or unfused_for_base_grad(weight):
             drop = functools.partial(F.dropout, p=self.dropout) if self.training and self.dropout > 0 else None
+            base = self.base_layer if own_forward else None
             if self.use_dora:
-                return reference.dora_composed(x, weight, bias, a, b, magnitude, self.scaling, drop)
-            return reference.lora_composed(x, weight, bias, a, b, self.scaling, drop)
+                return reference.dora_composed(x, weight, bias, a, b, magnitude, self.scaling, drop, base)
+            return reference.lora_composed(x, weight, bias, a, b, self.scaling, drop, base)
         if self.use_dora:
             return ops.dora_linear(x, weight, bias, a, b, magnitude, self.scaling, self.dropout, training=self.training)
         return ops.lora_linear(x, weight, bias, a, b, self.scaling, self.dropout, training=self.training)

@@ -44,6 +44,47 @@ def cast_to(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return p if p.dtype == dtype else p.to(dtype)
 
 
+def _moves_nothing(module: nn.Module, x) -> bool:
+    """accelerate's AlignDevicesHook without offloading, over the module's own forward, when x and the weights are
+    already on its execution device: the hook would move nothing (a device_map over several devices puts one on
+    every layer)."""
+    hook, old = getattr(module, "_hf_hook", None), module.__dict__.get("_old_forward")
+    weight, device = getattr(module, "weight", None), getattr(hook, "execution_device", None)
+    return (type(hook).__name__ == "AlignDevicesHook" and not hook.offload and x is not None
+            and getattr(old, "__func__", None) is type(module).forward
+            and (weight is None or isinstance(weight, torch.Tensor) and weight.device == x.device)
+            and (device is None or torch.device(device) == x.device))
+
+
+def intercepted(module: nn.Module, x=None) -> bool:
+    """Whether calling `module` on x runs more than its class's forward: hooks of its own or global ones, or a forward
+    replaced on the instance (accelerate's offload hooks do that, and load the weight there). The fused ops read the
+    weights and never call the module, so they would skip all of it."""
+    hooks = nn.modules.module
+    replaced = "forward" in module.__dict__ or getattr(module, "_hf_hook", None) is not None
+    return bool(module._forward_hooks or module._forward_pre_hooks or (replaced and not _moves_nothing(module, x))
+                or getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None))
+
+
+def plain_base(base: nn.Module, x) -> bool:
+    """Whether calling the base layer on x computes exactly x W^T + b and nothing else (nn.Linear's or Conv1D's own
+    forward, no hooks), so that a fused op may read its weights instead."""
+    conv1d = conv1d_class()
+    kind = type(base).forward
+    return not intercepted(base, x) and (kind is nn.Linear.forward or (conv1d is not None and kind is conv1d.forward))
+
+
+def unfused_for_own_forward(base: nn.Module, x) -> bool:
+    """not plain_base, warning that the layer then calls its base layer and adds the adapter in plain PyTorch, as peft
+    does (a subclass's forward, or hooks, that the fused op would skip)."""
+    if plain_base(base, x):
+        return False
+    if not torch.compiler.is_compiling():
+        warnings.warn(f"peftops: a patched layer's base layer ({type(base).__name__}) has a forward of its own or "
+                      "hooks; that layer calls it and adds its adapter unfused, as peft does", stacklevel=3)
+    return True
+
+
 def wants_base_grad(weight: torch.Tensor) -> bool:
     """Whether a base weight that a user made trainable wants its gradient now: the ops never give it one."""
     return weight.requires_grad and torch.is_grad_enabled()

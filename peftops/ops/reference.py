@@ -53,10 +53,15 @@ def philox_dropout(p: float, seed):
     return None if p == 0.0 or seed is None else lambda x: apply_dropout(x, p, seed)
 
 
-def lora_composed(x, weight, bias, lora_a, lora_b, scale, drop=None):
+def _linear(weight, bias, base=None):
+    """x -> x W^T + b, or the base layer itself where one with a forward of its own or hooks is given (peft calls it)."""
+    return base if base is not None else lambda x: F.linear(x, weight, bias)
+
+
+def lora_composed(x, weight, bias, lora_a, lora_b, scale, drop=None, base=None):
     """peft's LoRA forward, x W^T + b + scale * drop(x) A^T B^T (`drop` the dropout, None for none), with the weight
-    used as given: a trainable one gets its gradient (the layers' path for that case)."""
-    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x if drop is None else drop(x), lora_a), lora_b)
+    used as given: a trainable one gets its gradient (the layers' path for that case); `base`: see _linear."""
+    return _linear(weight, bias, base)(x) + scale * F.linear(F.linear(x if drop is None else drop(x), lora_a), lora_b)
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, seed=None):
@@ -77,13 +82,11 @@ def bias_dropout_add(x, bias, residual, p=0.0, seed=None):
     return residual + apply_dropout(x + bias, p, seed)
 
 
-def ia3_composed(x, weight, bias, ia3_scale, feedforward=False):
+def ia3_composed(x, weight, bias, ia3_scale, feedforward=False, base=None):
     """peft's IA3: output scaling `(x W^T + b) * l`, or input scaling `(x * l) W^T + b` for feed-forward layers, with
-    the weight used as given (a trainable one gets its gradient)."""
-    l = ia3_scale.reshape(-1)
-    if feedforward:
-        return F.linear(x * l, weight, bias)
-    return F.linear(x, weight, bias) * l
+    the weight used as given (a trainable one gets its gradient); `base`: see _linear."""
+    l, linear = ia3_scale.reshape(-1), _linear(weight, bias, base)
+    return linear(x * l) if feedforward else linear(x) * l
 
 
 def ia3_linear(x, weight, bias, ia3_scale, feedforward=False):
@@ -111,12 +114,13 @@ def dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p=0.0
     return dora_composed(x, weight.detach(), bias, lora_a, lora_b, magnitude, scale, philox_dropout(dropout_p, seed))
 
 
-def dora_composed(x, weight, bias, lora_a, lora_b, magnitude, scale, drop=None):
+def dora_composed(x, weight, bias, lora_a, lora_b, magnitude, scale, drop=None, base=None):
     """peft's DoRA, literally (peft/tuners/lora/dora.py): the norm of W + s B A is detached; with dropout (`drop`),
-    the base output of the dropped input is recomputed, as peft does. The weight is used as given."""
+    the base output of the dropped input is recomputed from the weight, as peft does. The weight is used as given;
+    `base`: see _linear."""
     norm = torch.linalg.norm(weight + scale * (lora_b @ lora_a).detach(), dim=1).detach()
     g = magnitude / norm
-    result = F.linear(x, weight, bias)
+    result = _linear(weight, bias, base)(x)
     if drop is not None:
         x = drop(x)
         base = F.linear(x, weight)

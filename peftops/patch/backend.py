@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..layers.wrapped import base_weight, conv1d_class, wants_base_grad
+from ..layers.wrapped import base_weight, intercepted, plain_base, wants_base_grad
 from .forwards import call_original, is_replaced, one_dtype_for_ops, replace_forward, restore_forward
 
 _WARNED = "_peftops_warned"  # the set of fallback reasons already warned about, shared by one patch call
@@ -34,34 +34,6 @@ def peft_layer_names(model) -> list:
     return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
 
 
-def _moves_nothing(module: nn.Module, x) -> bool:
-    """accelerate's AlignDevicesHook without offloading, over the module's own forward, when x and the weights are
-    already on its execution device: the hook would move nothing (a device_map over several devices puts one on
-    every layer)."""
-    hook, old = getattr(module, "_hf_hook", None), module.__dict__.get("_old_forward")
-    weight, device = getattr(module, "weight", None), getattr(hook, "execution_device", None)
-    return (type(hook).__name__ == "AlignDevicesHook" and not hook.offload and x is not None
-            and getattr(old, "__func__", None) is type(module).forward
-            and (weight is None or isinstance(weight, torch.Tensor) and weight.device == x.device)
-            and (device is None or torch.device(device) == x.device))
-
-
-def intercepted(module: nn.Module, x=None) -> bool:
-    """Whether calling `module` on x runs more than its class's forward: hooks of its own or global ones, or a forward
-    replaced on the instance (accelerate's offload hooks do that, and load the weight there). The fused ops read the
-    weights and never call the module, so they would skip all of it."""
-    hooks = nn.modules.module
-    replaced = "forward" in module.__dict__ or getattr(module, "_hf_hook", None) is not None
-    return bool(module._forward_hooks or module._forward_pre_hooks or (replaced and not _moves_nothing(module, x))
-                or getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None))
-
-
-def _plain_base(base: nn.Module, x) -> bool:
-    conv1d = conv1d_class()
-    kind = type(base).forward
-    return not intercepted(base, x) and (kind is nn.Linear.forward or (conv1d is not None and kind is conv1d.forward))
-
-
 def warn_once(module, reason: str, kind: str = "LoRA"):
     warned = module.__dict__[_WARNED]
     if reason not in warned:
@@ -76,7 +48,7 @@ def base_reason(module, x, args, kwargs):
     if args or any(v is not None for v in kwargs.values()):
         return "extra forward arguments"
     base = module.base_layer
-    if not _plain_base(base, x):
+    if not plain_base(base, x):
         return f"base layer {type(base).__name__} (not a plain nn.Linear or Conv1D, or it has hooks)"
     weight = base.weight
     if weight.is_meta and not x.is_meta:
