@@ -11,7 +11,7 @@ import torch
 import peftops
 
 from lora_training import TECHNIQUES, _config, batches, lm_loss, patched_llama
-from tiny_models import tiny_bert, tiny_llama
+from tiny_models import BUILDERS, tiny_bert, tiny_llama
 
 # technique -> (dropout, our op's name, how many calls of it one decoder block makes)
 OPS = {"lora": (0.1, "lora_linear", 7), "dora": (0.0, "dora_linear", 7),
@@ -177,6 +177,31 @@ def test_checkpointing_switched_on_before_patching_trains_the_adapters(technique
         pickle.loads(pickle.dumps(model))
     peftops.unpatch(model)
     assert len(model.get_input_embeddings()._forward_hooks) == count - len(ours)
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+@pytest.mark.parametrize("config", [
+    peftops.LoraConfig(r=4, alpha=8), peftops.IA3Config(), peftops.BitFitConfig(), peftops.PrefixConfig(4),
+    *(peftops.AdapterConfig(bottleneck=8, placement=p) for p in ("pfeiffer", "houlsby", "parallel"))],
+    ids=["lora", "ia3", "bitfit", "prefix", "pfeiffer", "houlsby", "parallel"])
+def test_checkpointed_layers_are_recomputed_in_backward(family, config):
+    # transformers 5.x checkpoints a layer by wrapping its class's forward: a forward that patching set on the
+    # instance (GPT-2's BitFit blocks, Pfeiffer's decoder layers) must be checkpointed all the same
+    if family == "llama" and isinstance(config, peftops.BitFitConfig):
+        pytest.skip("Llama has no biases")
+    model = peftops.patch(BUILDERS[family](), config).train()
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    norms = [next(m for m in layer.modules() if "norm" in type(m).__name__.lower()) for layer in layers]
+    calls = []
+    for norm in norms:  # a module inside each layer that no technique touches
+        norm.register_forward_pre_hook(lambda m, args: calls.append(m))
+    loss = lm_loss(model, batches()[0]) if family == "llama" else model(batches()[0])[0].square().mean()
+    assert layers and len(calls) == len(layers)
+    loss.backward()
+    assert [sum(c is norm for c in calls) for norm in norms] == [2] * len(norms)  # once more in backward
 
 
 @pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")

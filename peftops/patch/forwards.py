@@ -5,22 +5,55 @@ import threading
 import torch
 
 _SAVED = "_peftops_saved_forward"  # the instance's own forward before patching (None: the class's)
+_CHECKPOINTED = "_peftops_checkpointed"  # set where the replaced forward does transformers' checkpointing itself
 
 
 def replace_forward(module, forward) -> None:
     module.__dict__[_SAVED] = module.__dict__.get("forward")
+    if _checkpoints_its_class_forward(module):
+        forward = functools.partial(_checkpointed, forward)
+        module.__dict__[_CHECKPOINTED] = True
     # a partial of a module-level function, not a bound method: it pickles (torch.save of a patched model), where a
     # bound method would be looked up by name on the module when loaded
     module.forward = functools.partial(forward, module)
 
 
+def _checkpoints_its_class_forward(module) -> bool:
+    """Whether module is a transformers layer that checkpoints by wrapping its class's forward (5.x; the wrapper is the
+    outermost, `__wrapped__` the class's own), which a forward set on the instance bypasses; 4.x wraps __call__, which
+    the instance forward runs under."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return False
+    return isinstance(module, GradientCheckpointingLayer) and "__call__" not in vars(GradientCheckpointingLayer)
+
+
+def _checkpointed(forward, module, *args, **kwargs):
+    """What transformers 5.x's class-forward wrapper does, around a replaced forward: under checkpointing in training,
+    no cache (a recompute would write it twice) and the forward run through the model's checkpoint function."""
+    if not (module.gradient_checkpointing and module.training and torch.is_grad_enabled()):
+        return forward(module, *args, **kwargs)
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    if not getattr(module, "_can_checkpoint_with_cache", False):
+        kwargs.update({key: None for key in ("cache", "layer_past") if kwargs.get(key) is not None})
+    return module._gradient_checkpointing_func(functools.partial(forward, module, **kwargs), *args)
+
+
 def call_original(module, *args, **kwargs):
     """Runs the forward the module had before it was patched (a plain call, so torch.compile traces through it)."""
     saved = module.__dict__[_SAVED]
-    return saved(*args, **kwargs) if saved is not None else type(module).forward(module, *args, **kwargs)
+    if saved is not None:
+        return saved(*args, **kwargs)
+    forward = type(module).forward
+    if module.__dict__.get(_CHECKPOINTED):  # the replaced forward checkpoints already: the class's, unwrapped
+        forward = forward.__wrapped__
+    return forward(module, *args, **kwargs)
 
 
 def restore_forward(module) -> None:
+    module.__dict__.pop(_CHECKPOINTED, None)
     saved = module.__dict__.pop(_SAVED)
     if saved is None:
         del module.forward
