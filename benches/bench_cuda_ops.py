@@ -45,10 +45,11 @@ def run(benchmark, forward, leaves, *, family, impl, backward=True, exclude=(), 
     benchmark.pedantic(step, rounds=20, warmup_rounds=3, iterations=5)
 
 
-@pytest.mark.parametrize("impl", ["peftops", "peftops_dense", "sdpa_concat"])
+@pytest.mark.parametrize("impl", ["peftops", "peftops_dense", "sdpa_concat", "sdpa_sequence_only"])
 @pytest.mark.parametrize("prefix", [20, 128])
 def test_prefix_attention_cuda(benchmark, monkeypatch, impl, prefix):
-    # peftops: the tiled CUDA kernels; peftops_dense: the two-segment host path beside them (ATen's products)
+    # peftops: the tiled CUDA kernels; peftops_dense: the two-segment host path beside them (ATen's products);
+    # sdpa_sequence_only: causal SDPA without any prefix, issue 3's GPU yardstick (peftops within 1.2x of it)
     if impl == "peftops_dense":
         monkeypatch.setenv("PEFTOPS_PREFIX_DENSE", "1")
     benchmark.group = f"prefix_attention cuda bf16 B{B} H{H} L{L} D{D} P{prefix}"
@@ -60,6 +61,8 @@ def test_prefix_attention_cuda(benchmark, monkeypatch, impl, prefix):
     def forward():
         if impl.startswith("peftops"):
             return peftops.ops.prefix_attention(q, k, v, pk, pv, is_causal=True)
+        if impl == "sdpa_sequence_only":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         keys = torch.cat([pk.expand(B, -1, -1, -1), k], 2)
         values = torch.cat([pv.expand(B, -1, -1, -1), v], 2)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)

@@ -167,6 +167,8 @@ def test_saves_no_mask_and_no_copy_of_x(device):
     (dict(dropout_p=-0.1), "dropout_p must be in", ValueError),
     (dict(scale=float("nan")), "scale must be finite", ValueError),
     (dict(x=torch.tensor(1.0)), "0-d", ValueError),
+    *((dict({name: torch.randn(*shape, device="meta")}), f"{name} is on meta but x is on cpu", ValueError)
+      for name, shape in (("weight", (6, 8)), ("bias", (6,)), ("lora_a", (4, 8)), ("lora_b", (6, 4)))),
 ])
 def test_bad_input_names_the_argument(bad, match, exc):
     args = dict(x=torch.randn(4, 8), weight=torch.randn(6, 8), bias=torch.randn(6), lora_a=torch.randn(4, 8),
