@@ -8,7 +8,8 @@ import torch
 
 import peftops
 from peftops import LoraConfig
-from tiny_models import (ALPHA_PATTERN, BUILDERS, RANK_PATTERN, assert_close, input_ids, output,
+from peftops.ops import reference
+from tiny_models import (ALPHA_PATTERN, BUILDERS, RANK_PATTERN, assert_close, input_ids, loss_of, output,
                          ours_to_peft_name, outputs_match_then_backward, peft_lora_config, randomize_lora,
                          tiny_llama)
 
@@ -160,6 +161,50 @@ def test_backend_dora_dropout():
     torch.manual_seed(1)
     assert torch.equal(first, output(ours, ids))
     assert not torch.allclose(first, output(ours.eval(), ids))
+
+
+class KernelsDropout(torch.nn.Module):
+    """What the op draws, as a module standing in for peft's nn.Dropout: one seed from torch's generator per call and
+    the Philox mask of that seed."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return reference.apply_dropout(x, self.p, reference.draw_seed(x.device, self.p, True))
+
+
+def test_backend_dora_dropout_is_peft_s_under_the_kernels_mask():
+    # peft's own DoRA layers in training, their dropout drawing the op's mask: the patched model's outputs and every
+    # gradient (dropout's placement, and the base output of the dropped input that peft recomputes)
+    ours, ref = peft_dora(lora_dropout=0.3)
+    for layer in ref.modules():
+        if isinstance(layer, peft.tuners.lora.layer.Linear):
+            layer.lora_dropout["default"] = KernelsDropout(0.3)
+    ids = input_ids()
+    outs = []
+    for model in (ours.train(), ref.train()):
+        torch.manual_seed(4)
+        outs.append(output(model, ids))
+        loss_of(outs[-1]).backward()
+    assert_close(*outs, what="outputs")
+    assert not torch.allclose(outs[0], output(ours.eval(), ids))  # dropout was on
+    ref_params = dict(ref.named_parameters())
+    trained = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n, _ in trained)
+    for name, p in trained:
+        assert_close(p.grad, ref_params[name].grad, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_backend_dora_merges_as_peft(family):
+    ours, ref = peft_dora(family)
+    ids = input_ids()
+    expected = output(ref.eval(), ids)
+    for merged in (peftops.merge(copy.deepcopy(ours)), copy.deepcopy(ours).merge_and_unload()):
+        assert not any(isinstance(m, peft.tuners.lora.layer.LoraLayer) for m in merged.modules())
+        assert_close(output(merged.eval(), ids), expected, what="merged")
 
 
 def test_backend_dora_bf16_loosely():

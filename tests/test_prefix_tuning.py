@@ -406,12 +406,13 @@ def test_models_without_registry_attention_are_refused():
 
 
 @pytest.mark.slow
-def test_smollm2_matches_peft():
+def test_smollm2_matches_peft(tmp_path):
     cache = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", ".cache", "smollm2-135m")
     if not os.path.isfile(os.path.join(cache, "model.safetensors")):
         pytest.skip("SmolLM2-135M is not cached (python demo/model_cache.py)")
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(cache)
+    plain = copy.deepcopy(base)
     ref = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
                                                                           num_virtual_tokens=20))
     ours = peftops.patch(base, peftops.PrefixConfig(20))
@@ -423,8 +424,16 @@ def test_smollm2_matches_peft():
     ids = torch.randint(1000, (2, 16), generator=torch.Generator().manual_seed(0))
     am = torch.ones_like(ids)
     am[1, :5] = 0
-    assert_close(ours(input_ids=ids, attention_mask=am).logits, ref(input_ids=ids, attention_mask=am).logits, 1e-4,
-                 what="logits")
+    expected = ref(input_ids=ids, attention_mask=am).logits
+    assert_close(ours(input_ids=ids, attention_mask=am).logits, expected, 1e-4, what="logits")
+    # through files, both ways: ours into peft, peft's into peftops
+    peftops.save_adapter(ours, tmp_path / "ours")
+    ref.save_pretrained(tmp_path / "peft")
+    loaded = {"peft from our file": peft.PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path / "ours"),
+              "peftops from peft's file": peftops.load_adapter(peftops.patch(plain, peftops.PrefixConfig(20)),
+                                                               tmp_path / "peft")}
+    for what, model in loaded.items():
+        assert_close(model(input_ids=ids, attention_mask=am).logits, expected, 1e-4, what=what)
 
 
 def test_roberta_style_positions_are_refused():
