@@ -8,6 +8,18 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.float64: (1e-10, 1e-10),
        torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
 
 
+def random_shapes(count, seed, draw):
+    """`count` shapes from `draw(randint)` (randint(lo, hi) inclusive), with a fixed seed: random sizes that are the
+    same in every run, so that a failure reproduces from its test id."""
+    gen = torch.Generator().manual_seed(seed)
+    return [draw(lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=gen))) for _ in range(count)]
+
+
+def batch_dims(randint):
+    """One to three leading dimensions of a random token batch."""
+    return tuple(randint(1, 12) for _ in range(randint(1, 3)))
+
+
 def assert_close(actual, expected, dtype, what):
     assert not torch.isnan(actual).any(), f"{what}: NaN"
     rtol, atol = TOL[dtype]

@@ -5,10 +5,11 @@ import torch
 
 import peftops
 from peftops.ops import reference as ref
-from op_helpers import SavedTensors, assert_close
+from op_helpers import SavedTensors, assert_close, batch_dims, random_shapes
 
 DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
-SHAPES = [((5,), 7, 3), ((2, 9), 37, 29), ((3, 4, 5), 19, 70), ((130,), 96, 40)]
+SHAPES = [((5,), 7, 3), ((2, 9), 37, 29), ((3, 4, 5), 19, 70), ((130,), 96, 40),
+          *random_shapes(3, 4, lambda ri: (batch_dims(ri), ri(1, 300), ri(1, 300)))]
 
 
 def rnd(gen, device, dtype, *shape, grad=True, scale=1.0):

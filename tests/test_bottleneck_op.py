@@ -5,7 +5,7 @@ import torch
 
 import peftops
 from peftops.ops import reference as ref
-from op_helpers import SavedTensors, assert_close
+from op_helpers import SavedTensors, assert_close, batch_dims, random_shapes
 
 DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
 ACTS = ["relu", "gelu", "gelu_tanh", "silu"]
@@ -19,7 +19,8 @@ def operands(device, dtype, batch, d, m, d_out=None, biases=True, gen=None):
 
 
 @pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("shape", [((5,), 12, 3), ((2, 9), 40, 16), ((3, 4, 5), 33, 7)])
+@pytest.mark.parametrize("shape", [((5,), 12, 3), ((2, 9), 40, 16), ((3, 4, 5), 33, 7)]
+                         + random_shapes(3, 3, lambda ri: (batch_dims(ri), ri(1, 200), ri(1, 64))))
 @pytest.mark.parametrize("residual,save_output", [(False, False), (True, False), (False, True)])
 def test_matches_reference(device, activation, shape, residual, save_output):
     batch, d, m = shape

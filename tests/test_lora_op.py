@@ -4,7 +4,7 @@ import torch
 
 import peftops
 from peftops.ops import reference as ref
-from op_helpers import SavedTensors, assert_close
+from op_helpers import SavedTensors, assert_close, batch_dims, random_shapes
 
 DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
 
@@ -43,7 +43,8 @@ def dtypes(device):
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("shape", [((5,), 7, 3, 1), ((2, 9), 37, 29, 4), ((33,), 64, 48, 16), ((3, 4, 5), 19, 70, 17),
-                                   ((130,), 96, 40, 40), ((3, 347), 200, 56, 8)])  # the last: several row blocks
+                                   ((130,), 96, 40, 40), ((3, 347), 200, 56, 8)]  # the last: several row blocks
+                         + random_shapes(4, 1, lambda ri: (batch_dims(ri), ri(1, 300), ri(1, 300), ri(1, 48))))
 def test_matches_reference(device, shape, p):
     batch, d_in, d_out, r = shape
     for dtype in dtypes(device):

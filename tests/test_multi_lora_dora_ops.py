@@ -6,7 +6,7 @@ from torch import nn
 
 import peftops
 from peftops.ops import reference as ref
-from op_helpers import SavedTensors, assert_close
+from op_helpers import SavedTensors, assert_close, batch_dims, random_shapes
 
 DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
 
@@ -32,7 +32,8 @@ def skewed_index(tokens, n, gen):
 
 
 @pytest.mark.parametrize("n", [1, 3, 16])
-@pytest.mark.parametrize("shape", [((37,), 24, 20, 4), ((3, 11), 40, 33, 8), ((64,), 17, 9, 17)])
+@pytest.mark.parametrize("shape", [((37,), 24, 20, 4), ((3, 11), 40, 33, 8), ((64,), 17, 9, 17)]
+                         + random_shapes(2, 5, lambda ri: (batch_dims(ri), ri(1, 200), ri(1, 200), ri(1, 32))))
 def test_multi_lora_matches_reference(device, n, shape):
     batch, d_in, d_out, r = shape
     for dtype in DTYPES[device]:
@@ -147,7 +148,8 @@ def test_multi_lora_bad_indices(monkeypatch, path):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("shape", [((29,), 24, 20, 4), ((2, 7), 33, 41, 8), ((50,), 16, 16, 17)])
+@pytest.mark.parametrize("shape", [((29,), 24, 20, 4), ((2, 7), 33, 41, 8), ((50,), 16, 16, 17)]
+                         + random_shapes(3, 6, lambda ri: (batch_dims(ri), ri(1, 200), ri(1, 200), ri(1, 32))))
 def test_dora_matches_reference(device, shape, p):
     batch, d_in, d_out, r = shape
     for dtype in DTYPES[device]:

@@ -5,12 +5,14 @@ import torch
 
 import peftops
 from peftops.ops import reference as ref
-from op_helpers import SavedTensors, assert_close
+from op_helpers import SavedTensors, assert_close, random_shapes
 
 DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16, torch.float16]}
 CASES = [  # B, Hq, Hkv, L, S, P, D
     (2, 4, 2, 5, 7, 3, 16), (3, 2, 2, 1, 9, 1, 8), (2, 6, 3, 8, 8, 20, 32), (1, 4, 1, 13, 17, 5, 64),
-    (4, 2, 2, 3, 3, 128, 8), (2, 2, 1, 6, 9, 3, 200),  # D past 128: CUDA's widest head-dim bucket (256)
+    (4, 2, 2, 3, 3, 128, 8), (2, 2, 1, 6, 9, 3, 200), (1, 2, 1, 5, 6, 4, 256),  # D past 128: CUDA's widest bucket
+    *random_shapes(4, 2, lambda ri: (lambda hkv: (ri(1, 3), hkv * ri(1, 3), hkv, ri(1, 24), ri(1, 24), ri(1, 48),
+                                                  ri(1, 256)))(ri(1, 2))),
 ]
 
 
