@@ -13,8 +13,6 @@ only that model and runs three steps.
 """
 import argparse
 import os
-import resource
-import subprocess
 import sys
 
 import peft
@@ -24,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benches")]  # this checkout (built in place) and the bench helpers
 import peftops  # noqa: E402
 from benchutil import frozen_baseline, load_smollm2, saved_bytes  # noqa: E402
-from interleave import interleaved  # noqa: E402
+from interleave import interleaved, max_rss_mib, peak_rss_mib  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # the demo's targets
 
@@ -86,12 +84,6 @@ def stepper(model, args):
     return step, loss
 
 
-def peak_mib(impl, argv) -> float:
-    """Max RSS of a fresh process that builds only `impl` and runs three steps."""
-    out = subprocess.run([sys.executable, __file__, *argv, "--only", impl], capture_output=True, text=True, check=True)
-    return float(out.stdout.split()[-1])
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("technique", choices=["ia3", "prefix", "dora", "multi"])
@@ -107,12 +99,12 @@ def main():
         step, _ = stepper(build(args.only, args), args)
         for _ in range(3):
             step()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+        print(max_rss_mib())
         return
     impls = ("peftops", "peft") if args.technique == "multi" else ("frozen", "peftops", "peft")
     # first, while this process is small: Linux carries a process's max RSS over into the program it execs
     argv = [a for a in sys.argv[1:] if a != "--peak"]
-    peak = {k: peak_mib(k, argv) for k in impls} if args.peak else {}
+    peak = {k: peak_rss_mib(__file__, argv, k) for k in impls} if args.peak else {}
     models = {impl: build(impl, args) for impl in impls}
     steps = {k: stepper(m, args) for k, m in models.items()}
     saved = {k: saved_bytes(loss, exclude=list(models[k].parameters()))[1] if loss else None
