@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import peftops
-from benchutil import record, saved_bytes, sync
+from benchutil import record, saved_bytes, sync, training_step
 
 B, H, D, L = 8, 16, 64, 512
 
@@ -72,16 +72,11 @@ def test_prefix_tuning_step_cpu(benchmark, request, impl, prefix):
     benchmark.group = f"prefix_tuning step cpu fp32 llama-h256x4 b{batch} s{seq} P{prefix}"
     model = _models(impl, prefix).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
     ids = torch.randint(256, (batch, seq), generator=torch.Generator().manual_seed(0))
 
     def loss():
         return model(input_ids=ids, labels=ids).loss
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss().backward()
-        opt.step()
+    step = training_step(model, loss, lr=1e-3)
 
     frozen = [p for p in model.parameters() if not p.requires_grad]
     _, saved = saved_bytes(loss, exclude=params + frozen)

@@ -17,6 +17,17 @@ def record(benchmark, *, family, impl, device, dtype, saved, **shape):
                                 saved_bytes=int(saved), **shape)
 
 
+def training_step(model, loss, lr=1e-4):
+    """A training step of `model` on `loss()`: AdamW over its trainable parameters (zero_grad, backward, step)."""
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def step():
+        optim.zero_grad(set_to_none=True)
+        loss().backward()
+        optim.step()
+    return step
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()

@@ -1,7 +1,7 @@
 """Bottleneck adapters on SmolLM2-135M (the demo's cache), peftops against AdapterHub (`adapters` 1.x, which pins
-transformers 4.57) and the frozen model: a training step (forward, backward, AdamW), timed round-robin in one process so that
-every model sees the same machine state, plus saved-for-backward bytes, and with `--peak` each model's peak memory (the
-max RSS of a fresh process that loads only that model and runs three steps). Prints medians and ratios.
+transformers 4.57) and the frozen model: a training step (forward, backward, AdamW), timed round-robin in one process
+so that every model sees the same machine state, plus saved-for-backward bytes, and with `--peak` each model's peak
+memory (the max RSS of a fresh process that loads only that model and runs three steps). Prints medians and ratios.
 
     python tools/adapterhub_interleaved.py --rounds 6        # in a venv with transformers 4.57 and adapters 1.3
     python tools/adapterhub_interleaved.py --placements pfeiffer --peak   # one placement: three models round-robin
@@ -16,7 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benches")]  # this checkout (built in place) and the bench helpers
 import peftops  # noqa: E402
-from benchutil import adapterhub_bottleneck, frozen_baseline, load_smollm2, saved_bytes  # noqa: E402
+from benchutil import adapterhub_bottleneck, frozen_baseline, load_smollm2, saved_bytes, training_step  # noqa: E402
 from interleave import interleaved, max_rss_mib, peak_rss_mib  # noqa: E402
 
 ACTIVATION = {"pfeiffer": "relu", "houlsby": "silu"}  # AdapterHub's defaults for seq_bn and double_seq_bn
@@ -55,13 +55,7 @@ def main():
         return model(input_ids=ids).logits.float().square().mean()
 
     def stepper(model):
-        optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def step():
-            optim.zero_grad(set_to_none=True)
-            forward(model).backward()
-            optim.step()
-        return step
+        return training_step(model, lambda: forward(model))
 
     if args.only:
         step = stepper(built(args.only))

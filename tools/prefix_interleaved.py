@@ -14,6 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benches")]  # this checkout (built in place) and the bench helpers
 from bench_prefix import B, D, H, L, _models, materialised, ours  # noqa: E402
+from benchutil import training_step  # noqa: E402
 from interleave import interleaved  # noqa: E402
 
 
@@ -30,13 +31,7 @@ def model_steps(prefix, batch=4, seq=256):
     steps = {}
     for impl in ("peftops", "peft"):
         model = _models(impl, prefix).train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-
-        def step(model=model, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-        steps[impl] = step
+        steps[impl] = training_step(model, lambda model=model: model(input_ids=ids, labels=ids).loss, lr=1e-3)
     return steps
 
 

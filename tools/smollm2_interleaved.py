@@ -21,7 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benches")]  # this checkout (built in place) and the bench helpers
 import peftops  # noqa: E402
-from benchutil import frozen_baseline, load_smollm2, saved_bytes  # noqa: E402
+from benchutil import frozen_baseline, load_smollm2, saved_bytes, training_step  # noqa: E402
 from interleave import interleaved, max_rss_mib, peak_rss_mib  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # the demo's targets
@@ -72,16 +72,10 @@ def stepper(model, args):
             with torch.no_grad():
                 model(input_ids=ids, adapter_names=names)
         return forward, None
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def loss():
         return model(input_ids=ids, labels=ids).loss
-
-    def step():
-        optim.zero_grad(set_to_none=True)
-        loss().backward()
-        optim.step()
-    return step, loss
+    return training_step(model, loss), loss
 
 
 def main():

@@ -54,7 +54,7 @@ def philox_dropout(p: float, seed):
 
 
 def _linear(weight, bias, base=None):
-    """x -> x W^T + b, or the base layer itself where one with a forward of its own or hooks is given (peft calls it)."""
+    """x -> x W^T + b, or the base layer itself where it has a forward of its own or hooks (peft calls it)."""
     return base if base is not None else lambda x: F.linear(x, weight, bias)
 
 
