@@ -28,7 +28,7 @@ class _Proj(torch.nn.Module):
 
 
 def _randomize(module):
-    # B non-zero (unlike peft's init) so every product carries real data; speed does not depend on values.
+    # B non-zero (unlike peft's init) so every product carries real data (DoRA's case scales B down: see there)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if "lora_" in name:
@@ -96,7 +96,7 @@ def _dora_forward(impl):
     _randomize(layer)
     layer.train()
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    with torch.no_grad():  # a trained adapter's size: s B A about a tenth of W's rows. DoRA's speed does depend on it:
+    with torch.no_grad():  # a trained adapter's size: s B A about 0.14 of W's rows. DoRA's speed depends on it:
         b.mul_(0.04)       # where s B A outweighs W (unit-scale random B) its norms are redone row by row (+~8%)
     if impl == "peft":
         assert "default" in layer.lora_variant  # really peft's DoRA

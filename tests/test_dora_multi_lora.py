@@ -199,6 +199,7 @@ def test_backend_dora_dropout_is_peft_s_under_the_kernels_mask():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_backend_dora_merges_as_peft(family):
+    # peftops.merge of a patched peft model unpatches and lets peft merge; either way the merge is peft's, intact
     ours, ref = peft_dora(family)
     ids = input_ids()
     expected = output(ref.eval(), ids)

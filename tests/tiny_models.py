@@ -130,14 +130,14 @@ class ScaledLinear(nn.Linear):
 
 
 def with_own_forwards(model):
-    """A tiny Llama whose layer-0 q_proj is a ScaledLinear and whose layer-1 v_proj and down_proj carry forward hooks
-    (a hook that changes the output, and one that only reads it)."""
+    """A tiny Llama whose layer-0 q_proj is a ScaledLinear and whose layer-1 v_proj and down_proj carry hooks that
+    change their output and their input."""
     attn = model.model.layers[0].self_attn
     scaled = ScaledLinear(attn.q_proj.in_features, attn.q_proj.out_features, bias=attn.q_proj.bias is not None)
     scaled.load_state_dict(attn.q_proj.state_dict())
     attn.q_proj = scaled
     model.model.layers[1].self_attn.v_proj.register_forward_hook(_add_one)
-    model.model.layers[1].mlp.down_proj.register_forward_pre_hook(_reads_only)
+    model.model.layers[1].mlp.down_proj.register_forward_pre_hook(_doubles_input)
     return model
 
 
@@ -145,8 +145,8 @@ def _add_one(module, args, out):
     return out + 1
 
 
-def _reads_only(module, args):
-    return None
+def _doubles_input(module, args):
+    return (2 * args[0],)
 
 
 def outputs_from_threads(calls, repeats):

@@ -23,7 +23,7 @@ from .. import ops
 from ..config import BitFitConfig
 from ..layers.wrapped import base_weight, conv1d_class
 from .adapter import STATE_ATTR, check_unpatched, freeze, restore_flags
-from .forwards import call_original, is_replaced, one_dtype_for_ops, replace_forward, restore_forward, thread_slot
+from .forwards import call_original, one_dtype_for_ops, replace_forward, restore_forward, thread_slot
 
 
 @dataclass
@@ -100,6 +100,13 @@ def _sublayer(block_part, residual, dropout, *args, **kwargs):
         del slots[slot]
 
 
+def _compiling_a_checkpoint(block) -> bool:
+    """Whether dynamo traces this block inside activation checkpointing, where it refuses the residual handed from
+    block to dropout (a side effect): the block's own forward, whose bias_linear projections hand nothing, runs."""
+    return torch.compiler.is_compiling() and getattr(block, "gradient_checkpointing", False) and block.training and \
+        torch.is_grad_enabled()
+
+
 def _gpt2_block_forward(self, *args, **kwargs):
     """GPT2Block's forward (transformers 4.57 or 5: one signature read at patch time) with each sublayer's residual add
     fused into its output dropout; cross-attention and returned attention weights run the block's own forward."""
@@ -109,7 +116,7 @@ def _gpt2_block_forward(self, *args, **kwargs):
     for key, value in kwargs.items():
         (named if key in names else extra)[key] = value
     if len(args) > positional or (extra and not takes_kwargs) or named.get("encoder_hidden_states") is not None or \
-            named.get("output_attentions"):
+            named.get("output_attentions") or _compiling_a_checkpoint(self):
         return call_original(self, *args, **kwargs)
     hidden = named.pop("hidden_states")
     attn_args = {k: v for k, v in named.items() if k not in ("self", "encoder_hidden_states", "encoder_attention_mask")}
@@ -120,19 +127,20 @@ def _gpt2_block_forward(self, *args, **kwargs):
 
 def _gpt2_blocks(model: nn.Module) -> list:
     """[(block name, [(projection name, dropout name)] of attention and MLP)] of the GPT2Blocks the fused forward
-    takes: plain Conv1D projections with biases, plain dropouts, no hooks."""
+    takes: plain Conv1D projections with biases, plain dropouts, no hooks, and a block whose forward is its class's
+    (one that accelerate's hooks or anyone else set on the instance runs as it is)."""
     try:
         from transformers.models.gpt2.modeling_gpt2 import GPT2Block
     except ImportError:
         return []
     conv1d, found = conv1d_class(), []
     for name, block in model.named_modules():
-        if not (type(block) is GPT2Block and not is_replaced(block) and not block._forward_pre_hooks):
+        if not (type(block) is GPT2Block and _plain(block, GPT2Block.forward) and not block._forward_pre_hooks):
             continue
         pairs = [(f"{name}.attn.c_proj", f"{name}.attn.resid_dropout"), (f"{name}.mlp.c_proj", f"{name}.mlp.dropout")]
         modules = [(model.get_submodule(p), model.get_submodule(d)) for p, d in pairs]
         if all(type(p) is conv1d and _plain(p, conv1d.forward) and p.bias is not None and type(d) is nn.Dropout
-               and not is_replaced(d) and not (p._forward_hooks or p._forward_pre_hooks or d._forward_hooks
+               and _plain(d, nn.Dropout.forward) and not (p._forward_hooks or p._forward_pre_hooks or d._forward_hooks
                                                or d._forward_pre_hooks) for p, d in modules):
             found.append((name, pairs))
     return found
@@ -162,7 +170,8 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def _plain(module: nn.Module, forward) -> bool:
-    return type(module).forward is forward and not is_replaced(module)
+    """The module runs its class's `forward`: none set on the instance (by peftops, or by accelerate's hooks)."""
+    return type(module).forward is forward and "forward" not in module.__dict__
 
 
 def _plan(model: nn.Module):
@@ -171,8 +180,10 @@ def _plan(model: nn.Module):
     fused_forwards = _fused_output_classes()
     fused, skip = [], set()
     for name, m in model.named_modules():
-        if type(m).forward in fused_forwards and isinstance(getattr(m, "dense", None), nn.Linear) \
-                and m.dense.bias is not None and type(m.dropout) is nn.Dropout and _plain(m.dense, nn.Linear.forward) \
+        if type(m).forward in fused_forwards and "forward" not in m.__dict__ \
+                and isinstance(getattr(m, "dense", None), nn.Linear) and m.dense.bias is not None \
+                and type(m.dropout) is nn.Dropout and _plain(m.dropout, nn.Dropout.forward) \
+                and _plain(m.dense, nn.Linear.forward) \
                 and not (m.dense._forward_hooks or m.dense._forward_pre_hooks or m.dropout._forward_hooks
                          or m.dropout._forward_pre_hooks):
             fused.append(name)

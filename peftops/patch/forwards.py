@@ -10,7 +10,8 @@ _CHECKPOINTED = "_peftops_checkpointed"  # set where the replaced forward does t
 
 def replace_forward(module, forward) -> None:
     module.__dict__[_SAVED] = module.__dict__.get("forward")
-    if _checkpoints_its_class_forward(module):
+    # (an instance forward already there, as accelerate's hooks set, calls the class's wrapper itself)
+    if module.__dict__[_SAVED] is None and _checkpoints_its_class_forward(module):
         forward = functools.partial(_checkpointed, forward)
         module.__dict__[_CHECKPOINTED] = True
     # a partial of a module-level function, not a bound method: it pickles (torch.save of a patched model), where a
@@ -19,9 +20,9 @@ def replace_forward(module, forward) -> None:
 
 
 def _checkpoints_its_class_forward(module) -> bool:
-    """Whether module is a transformers layer that checkpoints by wrapping its class's forward (5.x; the wrapper is the
-    outermost, `__wrapped__` the class's own), which a forward set on the instance bypasses; 4.x wraps __call__, which
-    the instance forward runs under."""
+    """Whether module is a transformers layer that checkpoints by wrapping its class's forward (recent 5.x releases;
+    the wrapper is the outermost, `__wrapped__` the class's own), which a forward set on the instance bypasses; 4.x
+    and the first 5.x releases wrap __call__, which the instance forward runs under."""
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:
@@ -30,8 +31,9 @@ def _checkpoints_its_class_forward(module) -> bool:
 
 
 def _checkpointed(forward, module, *args, **kwargs):
-    """What transformers 5.x's class-forward wrapper does, around a replaced forward: under checkpointing in training,
-    no cache (a recompute would write it twice) and the forward run through the model's checkpoint function."""
+    """What transformers' class-forward wrapper does (GradientCheckpointingLayer as of 5.24), around a replaced forward:
+    under checkpointing in training, no cache (a recompute would write it twice) and the forward run through the
+    model's checkpoint function."""
     if not (module.gradient_checkpointing and module.training and torch.is_grad_enabled()):
         return forward(module, *args, **kwargs)
     if kwargs.get("use_cache"):
