@@ -124,13 +124,15 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         """The scaling of layers that no pattern matches."""
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+        return self._scaling(self.r, self.alpha)
 
     def rank_and_scaling(self, module_name: str) -> tuple:
         """(r, scaling) of the layer named `module_name` (its name in the model), patterns applied as peft does."""
         r = pattern_value(self.rank_pattern, module_name, self.r)
-        alpha = pattern_value(self.alpha_pattern, module_name, self.alpha)
-        return r, alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return r, self._scaling(r, pattern_value(self.alpha_pattern, module_name, self.alpha))
+
+    def _scaling(self, r, alpha) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
 @dataclass

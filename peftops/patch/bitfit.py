@@ -139,9 +139,8 @@ def _gpt2_blocks(model: nn.Module) -> list:
             continue
         pairs = [(f"{name}.attn.c_proj", f"{name}.attn.resid_dropout"), (f"{name}.mlp.c_proj", f"{name}.mlp.dropout")]
         modules = [(model.get_submodule(p), model.get_submodule(d)) for p, d in pairs]
-        if all(type(p) is conv1d and _plain(p, conv1d.forward) and p.bias is not None and type(d) is nn.Dropout
-               and _plain(d, nn.Dropout.forward) and not (p._forward_hooks or p._forward_pre_hooks or d._forward_hooks
-                                               or d._forward_pre_hooks) for p, d in modules):
+        if all(type(p) is conv1d and p.bias is not None and type(d) is nn.Dropout and _skippable(p, conv1d.forward)
+               and _skippable(d, nn.Dropout.forward) for p, d in modules):
             found.append((name, pairs))
     return found
 
@@ -174,6 +173,11 @@ def _plain(module: nn.Module, forward) -> bool:
     return type(module).forward is forward and "forward" not in module.__dict__
 
 
+def _skippable(module: nn.Module, forward) -> bool:
+    """_plain and without hooks: a module whose call a fused forward may take over (its hooks would not run)."""
+    return _plain(module, forward) and not (module._forward_hooks or module._forward_pre_hooks)
+
+
 def _plan(model: nn.Module):
     """(fused sublayer names, bias_linear layer names, GPT-2 blocks): what gets a new forward, decided before touching
     anything."""
@@ -182,10 +186,8 @@ def _plan(model: nn.Module):
     for name, m in model.named_modules():
         if type(m).forward in fused_forwards and "forward" not in m.__dict__ \
                 and isinstance(getattr(m, "dense", None), nn.Linear) and m.dense.bias is not None \
-                and type(m.dropout) is nn.Dropout and _plain(m.dropout, nn.Dropout.forward) \
-                and _plain(m.dense, nn.Linear.forward) \
-                and not (m.dense._forward_hooks or m.dense._forward_pre_hooks or m.dropout._forward_hooks
-                         or m.dropout._forward_pre_hooks):
+                and type(m.dropout) is nn.Dropout and _skippable(m.dropout, nn.Dropout.forward) \
+                and _skippable(m.dense, nn.Linear.forward):
             fused.append(name)
             skip.add(m.dense)
     blocks = _gpt2_blocks(model)
